@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -36,9 +37,10 @@ def _parse_pair(text: str, option: str) -> tuple[int, int]:
 def pairs_scannet(
     root: Path = typer.Argument(..., help="Folder of ScanNet-layout scenes (color/, depth/, pose/, intrinsic/)."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet)."),
-    frame_gap: str = typer.Option("5x40", help="Allowed frame-index gap between the two views, MINxMAX."),
-    overlap_min: float = typer.Option(0.3, help="Least fraction of A's pixels visible in B."),
-    overlap_max: float = typer.Option(0.85, help="Largest fraction of A's pixels visible in B."),
+    frame_stride: int = typer.Option(5, help="Consider every FRAME_STRIDE-th frame."),
+    frame_gap: str = typer.Option("5x60", help="Allowed frame-number gap between the two views, MINxMAX."),
+    overlap_min: float = typer.Option(0.3, help="Least co-visibility (smaller of the A->B and B->A fractions)."),
+    overlap_max: float = typer.Option(0.8, help="Largest co-visibility."),
     max_pairs_per_scene: int = typer.Option(200, help="Cap on pairs kept per scene."),
     val_fraction: float = typer.Option(0.0, help="Fraction of scenes put in the 'val' split."),
     seed: int = typer.Option(0, help="Seed of the pair sampling."),
@@ -48,7 +50,7 @@ def pairs_scannet(
     from geod.data_manifests.scannet import ScanNetPairConfig, build_scannet_pairs
 
     cfg = ScanNetPairConfig(
-        frame_gap=_parse_pair(frame_gap, "--frame-gap"), overlap=(overlap_min, overlap_max),
+        frame_stride=frame_stride, frame_gap=_parse_pair(frame_gap, "--frame-gap"), overlap=(overlap_min, overlap_max),
         max_pairs_per_scene=max_pairs_per_scene, val_fraction=val_fraction, seed=seed,
     )
     rows = build_scannet_pairs(root, cfg, manifest_dir=out.parent)
@@ -61,12 +63,13 @@ def pairs_folder(
     root: Path = typer.Argument(..., help="Folder with one sub-folder of images per scene."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet)."),
     max_gap: int = typer.Option(3, help="Pair each image with the next MAX_GAP images of its scene."),
+    val_fraction: float = typer.Option(0.0, help="Fraction of scenes put in the 'val' split."),
 ) -> None:
     """Pair neighbouring images of plain image folders (no geometry: for learned teachers)."""
     from geod.data_manifests.folder import build_folder_pairs
     from geod.data_manifests.manifest import write_manifest
 
-    rows = build_folder_pairs(root, max_gap=max_gap, manifest_dir=out.parent)
+    rows = build_folder_pairs(root, max_gap=max_gap, val_fraction=val_fraction, manifest_dir=out.parent)
     write_manifest(rows, out)
     typer.echo(f"wrote {len(rows)} pairs to {out}")
 
@@ -86,6 +89,65 @@ def demo_data(
     cfg = SyntheticConfig(scenes=scenes, frames_per_scene=frames, width=width, height=height, seed=seed)
     written = write_synthetic_scenes(out, cfg)
     typer.echo(f"wrote {len(written)} scenes to {out}")
+
+
+def _parse_options(items: list[str], option: str) -> dict:
+    """KEY=VALUE strings to a dict; values are parsed as JSON when they parse, else kept as strings."""
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{option} takes KEY=VALUE, got {item!r}")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+@app.command("extract")
+def extract(
+    pairs: Path = typer.Option(..., "--pairs", "-p", help="Pair manifest (.parquet)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Target dataset directory to write (or resume)."),
+    teacher: str = typer.Option("geometry", help="Teacher name (geometry, mast3r)."),
+    teacher_option: list[str] = typer.Option([], "--teacher-option", "-t",
+                                             help="Teacher option KEY=VALUE (repeatable), e.g. -t rel_tol=0.05."),
+    weights: Optional[str] = typer.Option(None, help="Teacher weights: local path or hub id (learned teachers)."),
+    grid: str = typer.Option("24x32", help="Cost-volume patch grid, HxW."),
+    depth_map: str = typer.Option("48x64", help="Low-resolution depth map size, HxW."),
+    max_matches: int = typer.Option(512, help="Match capacity per pair."),
+    topk: int = typer.Option(32, help="Cost-volume entries kept per row."),
+    pairs_per_shard: int = typer.Option(256, help="Pairs per shard."),
+    rows_per_chunk: int = typer.Option(32, help="Pairs per zarr chunk (the streaming read unit)."),
+    batch_size: int = typer.Option(8, help="Pairs per teacher call."),
+    workers: int = typer.Option(2, help="Threads reading inputs and building targets."),
+    seed: int = typer.Option(0, help="Seed of the match sampling."),
+    dataset_version: str = typer.Option("0.1.0", help="Release version written to the card."),
+    licence: Optional[str] = typer.Option(None, help="Licence of the targets, written to the card."),
+    overwrite: bool = typer.Option(False, help="Replace a dataset made with other settings."),
+) -> None:
+    """Run the teacher over a pair manifest and write a sharded target dataset (resumable)."""
+    from geod.pipeline.card import DatasetLayout
+    from geod.stage1_extract.runner import ExtractConfig, run_extract
+
+    grid_h, grid_w = _parse_pair(grid, "--grid")
+    depth_h, depth_w = _parse_pair(depth_map, "--depth-map")
+    options = _parse_options(teacher_option, "--teacher-option")
+    if weights is not None:
+        options["weights"] = weights
+    layout = DatasetLayout(
+        max_matches=max_matches, grid_h=grid_h, grid_w=grid_w, topk=topk, depth_h=depth_h, depth_w=depth_w,
+        pairs_per_shard=pairs_per_shard, rows_per_chunk=rows_per_chunk,
+    )
+    cfg = ExtractConfig(
+        pairs=pairs, out=out, teacher=teacher, teacher_options=options, layout=layout, batch_size=batch_size,
+        workers=workers, seed=seed, dataset_version=dataset_version, licence=licence, overwrite=overwrite,
+    )
+    summary = run_extract(cfg)
+    typer.echo(
+        f"{summary.out}: {summary.pairs} pairs ({summary.ok} ok, {summary.failed} failed) in {summary.shards} "
+        f"shards; {summary.shards_written} written now, {summary.shards_skipped} already complete"
+    )
 
 
 @app.command("info")

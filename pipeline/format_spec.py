@@ -21,6 +21,25 @@ Coordinate conventions (the same for every teacher):
 - "frame A" is view A's camera frame (OpenCV: x right, y down, z forward); depth is z in a view's own frame.
 - Scene units are the teacher's (metres for sensor depth and metric teachers; relative for others): the
   card's ``teacher.scene_units`` says which.
+
+Storage of a shard (see geod.pipeline.shard_io):
+- One zarr v3 group per shard, one array per feature, shape (rows, *per-pair shape). Plain chunks (no
+  sharding codec) of ``rows_per_chunk`` rows by the full per-pair shape, every chunk stored (also all-zero
+  ones), chunk keys ``<array>/c/<i>/0/...``. Codecs: bytes (little endian) -> blosc (zstd, level 5;
+  bitshuffle for index arrays, byte shuffle for the others) -> crc32c. The group's attributes hold
+  ``{"geod": {"format", "format_version", "shard", "layout"}}``.
+- Shard checksum (the ``sha256`` of the card's shard entry and of the shard record): sha256 of the UTF-8
+  text made of one line ``relpath + "\0" + sha256_hex(file bytes) + "\n"`` for every file below the shard
+  directory, relpath POSIX-style relative to that directory, lines sorted by relpath. ``bytes`` is the sum
+  of the file sizes. The record also lists every file's size and sha256, so damage is traced to one chunk.
+
+Invariants (checked on write and by ``geod validate``):
+- Float arrays hold no NaN/Inf; values lie in each feature's ``value_range``; index arrays are < their
+  ``index_into`` dimension; ``match_count`` lies in [0, M] and match rows at or beyond it are zero.
+- Cost volumes: a row's probabilities sum to at most PROB_SCALE and do not increase along K; the indices
+  of a row's non-zero entries are distinct; rows whose ``valid`` flag is False are all zero, rows whose
+  flag is True carry some probability.
+- Rows of failed pairs are zero in every array.
 """
 
 from __future__ import annotations
