@@ -175,6 +175,25 @@ def validate(
     typer.secho(f"{dataset}: valid", fg=typer.colors.GREEN)
 
 
+@app.command("export-targets")
+def export_targets(
+    dataset: str = typer.Argument(..., help="Target dataset directory or URL."),
+    to: str = typer.Option(..., "--to", help="Export format: webdataset or hdf5."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output: a directory of tars (webdataset) or one .h5 file (hdf5)."),
+    split: Optional[str] = typer.Option(None, help="Export only this split (default: every split)."),
+    include_failed: bool = typer.Option(False, help="Also export failed pairs (status 'failed', all-zero targets)."),
+    samples_per_tar: Optional[int] = typer.Option(None, help="Pairs per tar (webdataset only; default 1000)."),
+    compression: Optional[str] = typer.Option(None, help="gzip (default), lzf or none (hdf5 only)."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier export at --out."),
+) -> None:
+    """Export a target dataset as webdataset tar shards or one HDF5 file, for other teams' loaders."""
+    from geod.pipeline.export import export_command
+
+    summary = export_command(dataset, out, to, split=split, include_failed=include_failed,
+                             samples_per_tar=samples_per_tar, compression=compression, overwrite=overwrite)
+    typer.echo(summary.describe())
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
