@@ -1,1 +1,6 @@
-"""stage2_distill"""
+"""Stage 2: distil cached 3D-teacher targets into a vision encoder (LoRA, adapters, heads) and evaluate it.
+
+Modules: config (dataclasses), students (registry of encoders), adapters (LoRA, bottlenecks, heads),
+model (features and loss composition), losses, data (streaming batches), train (`run_distill`),
+checkpoint (resume, outputs, `load_distilled`), evaluate (`evaluate`).
+"""

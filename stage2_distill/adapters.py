@@ -1,0 +1,150 @@
+"""What is trained on a frozen student: LoRA (peft) on chosen blocks, bottleneck adapters, and two heads.
+
+Every new module starts as the identity on the student's features (LoRA's B matrix, the adapters'
+up-projection and the refine conv are zero-initialised), so at step 0 the distilled student equals its base
+model exactly; the reference code does not do this for its adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from geod.pipeline.errors import ConfigError
+from geod.stage2_distill.config import StudentConfig
+from geod.stage2_distill.students import Student
+from torch import nn
+
+LORA_ADAPTER_NAME = "default"
+
+
+class Bottleneck(nn.Module):
+    """Residual bottleneck on token features: h + up(gelu(down(h))), `up` zero-initialised."""
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, width)
+        self.up = nn.Linear(width, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens + self.up(nn.functional.gelu(self.down(tokens)))
+
+
+class RefineHead(nn.Module):
+    """3x3 convolution on the final patch grid for matching, residual and zero-initialised."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return grid + self.conv(grid)
+
+
+class DepthHead(nn.Module):
+    """Depth-difference head: Linear(D, hidden) - LayerNorm - GELU - Linear(hidden, 1) - tanh.
+
+    Applied to a feature difference f_j - f_i it predicts which point is farther (positive: j). Its first
+    layer is linear, so `project` (without bias) commutes with differences: head(f_j - f_i) ==
+    from_projected(project(f_j) - project(f_i)); the ranking loss uses this to avoid N^2 x D tensors.
+    """
+
+    def __init__(self, dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(features, self.proj.weight)
+
+    def from_projected(self, projected_difference: torch.Tensor) -> torch.Tensor:
+        hidden = nn.functional.gelu(self.norm(projected_difference + self.proj.bias))
+        return torch.tanh(self.out(hidden)).squeeze(-1)
+
+    def forward(self, difference: torch.Tensor) -> torch.Tensor:
+        return self.from_projected(self.project(difference))
+
+
+def lora_target_names(student: Student, layers: tuple[int, ...], targets: tuple[str, ...]) -> list[str]:
+    """Full module names (inside the transformers model) of the Linear layers LoRA adapts.
+
+    A target matches a Linear inside a block whose own name ends with it ("q_proj" -> "self_attn.q_proj").
+    """
+    blocks = student.blocks()
+    names = []
+    for layer in layers:
+        block = blocks[layer]
+        for target in targets:
+            found = [name for name, module in block.named_modules()
+                     if isinstance(module, nn.Linear) and (name == target or name.endswith("." + target))]
+            if not found:
+                raise ConfigError(f"student.lora_targets: no Linear named {target!r} in block {layer} of "
+                                  f"{student.name}")
+            names.extend(f"{student.block_module_name(layer)}.{name}" for name in found)
+    return names
+
+
+def apply_lora(student: Student, cfg: StudentConfig) -> None:
+    """Wrap the student's tower in a peft LoRA model on exactly cfg.lora_layers x cfg.lora_targets."""
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.lora_rank == 0 or not cfg.lora_layers:
+        return
+    targets = lora_target_names(student, cfg.lora_layers, cfg.lora_targets)
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", init_lora_weights=True)
+    with quiet_peft():
+        student.tower = get_peft_model(student.tower, lora, adapter_name=LORA_ADAPTER_NAME)
+
+
+def load_lora(student: Student, adapter_dir) -> None:
+    """Wrap the student's tower with a saved peft LoRA adapter (inference: weights frozen)."""
+    from peft import PeftModel
+
+    with quiet_peft():
+        student.tower = PeftModel.from_pretrained(student.tower, adapter_dir)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft queries a transformers attribute that transformers 5 marks deprecated; nothing to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def attach_bottlenecks(student: Student, cfg: StudentConfig) -> None:
+    """One zero-initialised bottleneck after each adapted block (applied by Student.forward's hooks)."""
+    if cfg.adapter_dim == 0:
+        return
+    for layer in cfg.lora_layers:
+        student.block_adapters[str(layer)] = Bottleneck(student.hidden_size, cfg.adapter_dim)
+
+
+def build_heads(student: Student, cfg: StudentConfig) -> tuple[RefineHead | None, DepthHead]:
+    refine = RefineHead(student.hidden_size) if cfg.refine_head else None
+    return refine, DepthHead(student.hidden_size, cfg.depth_head_dim)
+
+
+def mark_trainable(model: nn.Module) -> None:
+    """Freeze everything except LoRA weights, the bottleneck adapters and the heads."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(is_trainable_name(name))
+
+
+def is_trainable_name(name: str) -> bool:
+    parts = name.split(".")
+    if "lora_A" in parts or "lora_B" in parts:
+        return True
+    return "block_adapters" in parts or parts[0] in ("refine", "depth_head")
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    """Sorted names of the parameters that require gradients."""
+    return sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad)

@@ -1,0 +1,112 @@
+"""The four distillation losses of the method, batched with padding masks.
+
+Shapes: B pairs, N matches per pair (padded; `mask` [B, N] marks real ones), D feature channels, P cells of
+the teacher's cost-volume grid, K kept teacher entries per row.
+
+Units: depths and 3D points given to these functions must already be scene-normalised (divided by the
+pair's median match depth in view A, see `DistillModel`), so the thresholds `neg_distance` and `min_gap`
+are fractions of the scene depth for every teacher, metric or relative.
+
+Reduction: each loss is averaged over its terms within a pair (or image), then over the pairs that have
+at least one term, so a pair's weight does not depend on how many matches it has; a batch without any
+term contributes 0 (with a gradient path, so DDP and the optimizer see every parameter).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs (bf16 autocast) are computed in float32; float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _masked_pair_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over the trailing axes per pair (weights 0/1), then over pairs with any weight."""
+    dims = tuple(range(1, values.dim()))
+    count = weights.sum(dim=dims)
+    per_pair = (values * weights).sum(dim=dims) / count.clamp(min=1)
+    has = (count > 0).to(values.dtype)
+    return (per_pair * has).sum() / has.sum().clamp(min=1)
+
+
+def smooth_ap_loss(feat_a: torch.Tensor, feat_b: torch.Tensor, points_a: torch.Tensor, points_b: torch.Tensor,
+                   mask: torch.Tensor, *, temperature: float = 0.01, neg_distance: float = 0.1) -> torch.Tensor:
+    """Smooth-AP matching loss.
+
+    feat_a, feat_b [B, N, D] unit vectors at matched keypoints (match i of A corresponds to i of B);
+    points_a, points_b [B, N, 3] the matches' 3D points in one frame (scene-normalised). With
+    s_ij = cos(fA_i, fB_j), sig(x) = sigmoid(x / temperature) and negatives
+    Neg_ij = [|XA_i - XB_j| > neg_distance] and i != j (both real):
+      AP1_i = (1 + sig(s_ii - 1)) / (1 + sig(s_ii - 1) + sum_j Neg_ij sig(s_ij - 1))
+      AP2_i = (1 + sig(1 - s_ii)) / (1 + sig(1 - s_ii) + sum_j Neg_ij sig(s_ij - s_ii))
+      loss = mean_i (1 - (AP1_i + AP2_i) / 2).
+    """
+    feat_a, feat_b = _wide(feat_a), _wide(feat_b)
+    sim = feat_a @ feat_b.transpose(1, 2)  # [B, N, N]
+    pos = sim.diagonal(dim1=1, dim2=2)  # [B, N]
+    count = mask.shape[1]
+    eye = torch.eye(count, dtype=torch.bool, device=sim.device)
+    real = mask[:, :, None] & mask[:, None, :]
+    negatives = (torch.cdist(_wide(points_a), _wide(points_b)) > neg_distance) & real & ~eye
+    negatives = negatives.to(sim.dtype)
+
+    def sig(x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x / temperature)
+
+    top1 = 1 + sig(pos - 1)
+    ap1 = top1 / (top1 + (negatives * sig(sim - 1)).sum(-1))
+    top2 = 1 + sig(1 - pos)
+    ap2 = top2 / (top2 + (negatives * sig(sim - pos[:, :, None])).sum(-1))
+    return _masked_pair_mean(1 - (ap1 + ap2) / 2, mask.to(sim.dtype))
+
+
+def cross_view_depth_loss(head: nn.Module, feat_a: torch.Tensor, feat_b: torch.Tensor, depth_a: torch.Tensor,
+                          depth_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean_i |head(fA_i - fB_i) - tanh(dA_i - dB_i)| over real matches (depths scene-normalised).
+
+    feat_a, feat_b [B, N, D] depth features at the matched keypoints; depth_a, depth_b [B, N] each view's
+    depth of the match in its own camera.
+    """
+    predicted = head(_wide(feat_a) - _wide(feat_b))
+    error = (predicted - torch.tanh(_wide(depth_a) - _wide(depth_b))).abs()
+    return _masked_pair_mean(error, mask.to(error.dtype))
+
+
+def ranking_loss(head: nn.Module, features: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor, *,
+                 min_gap: float = 0.05) -> torch.Tensor:
+    """Intra-view depth ranking: mean over ordered point pairs (i, j) of one image with |d_j - d_i| > min_gap
+    of log(1 + exp(-sign(d_j - d_i) * head(f_j - f_i))).
+
+    features [B, N, D], depth [B, N] (scene-normalised), mask [B, N]. The head's first Linear is applied to
+    each feature before the differences are taken (see DepthHead), so memory is N^2 x hidden, not N^2 x D;
+    the result equals the direct form exactly (up to float rounding).
+    """
+    projected = head.project(_wide(features))  # [B, N, H]
+    difference = projected[:, None, :, :] - projected[:, :, None, :]  # [b, i, j] = p_j - p_i
+    score = head.from_projected(difference)  # [B, N, N]
+    gap = _wide(depth)[:, None, :] - _wide(depth)[:, :, None]  # d_j - d_i
+    weights = ((gap.abs() > min_gap) & mask[:, :, None] & mask[:, None, :]).to(score.dtype)
+    loss = nn.functional.softplus(-torch.sign(gap) * score)
+    return _masked_pair_mean(loss, weights)
+
+
+def cost_volume_kl(cells_a: torch.Tensor, cells_b: torch.Tensor, index: torch.Tensor, prob: torch.Tensor,
+                   valid: torch.Tensor, *, temperature: float = 0.05) -> torch.Tensor:
+    """KL(teacher || student) per valid row of A's cost-volume grid, averaged over rows then pairs.
+
+    cells_a, cells_b [B, P, D] unit student features at the teacher grid's cell centres; index [B, P, K]
+    (long) the teacher's top-k cells of B for each cell of A, prob [B, P, K] their probabilities; valid
+    [B, P]. The teacher row is renormalised over its kept mass (rows with no mass are skipped); the
+    student row is softmax(cos(a_p, b_q) / temperature) over all P cells of B.
+    """
+    logits = (_wide(cells_a) @ _wide(cells_b).transpose(1, 2)) / temperature  # [B, P, P]
+    log_student = torch.log_softmax(logits, dim=-1).gather(-1, index.long())  # [B, P, K]
+    prob = _wide(prob)
+    mass = prob.sum(-1, keepdim=True)
+    teacher = prob / mass.clamp(min=1e-12)
+    rows = valid & (mass.squeeze(-1) > 0)
+    kl = (torch.xlogy(teacher, teacher) - teacher * log_student).sum(-1)  # [B, P]
+    return _masked_pair_mean(kl, rows.to(kl.dtype))

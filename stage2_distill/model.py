@@ -1,0 +1,116 @@
+"""The distilled model: a student with LoRA and adapters, plus the refine and depth heads.
+
+One student forward per image gives every feature the losses need:
+- matching features: final block, final norm, refine conv, sampled bilinearly at keypoints, L2-normalised;
+- depth features: mean of the depth blocks (each final-normed), sampled at keypoints;
+- cost-volume features: mean of the cost blocks (final-normed), sampled at the teacher grid's cell centres,
+  L2-normalised.
+"""
+
+from __future__ import annotations
+
+import torch
+from geod.stage2_distill import losses
+from geod.stage2_distill.adapters import apply_lora, attach_bottlenecks, build_heads, mark_trainable
+from geod.stage2_distill.config import LossConfig, StudentConfig
+from geod.stage2_distill.students import Student
+from torch import nn
+
+
+def sample_grid(grid: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of a [B, D, h, w] grid at normalised (u, v) points [B, N, 2] -> [B, N, D].
+
+    u = x / W with pixel centres at i + 0.5 matches align_corners=False: cell j's centre is (j + 0.5) / w.
+    """
+    coords = (xy.to(grid.dtype) * 2 - 1)[:, :, None, :]
+    sampled = nn.functional.grid_sample(grid, coords, mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled[:, :, :, 0].transpose(1, 2)
+
+
+def cell_centres(grid_h: int, grid_w: int, device: torch.device | None = None) -> torch.Tensor:
+    """Normalised centres of a row-major grid, [grid_h * grid_w, 2] as (u, v)."""
+    v, u = torch.meshgrid((torch.arange(grid_h, device=device) + 0.5) / grid_h,
+                          (torch.arange(grid_w, device=device) + 0.5) / grid_w, indexing="ij")
+    return torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1)
+
+
+class DistillModel(nn.Module):
+    """Student + LoRA + bottleneck adapters + heads; `cfg` must be resolved (explicit layer lists)."""
+
+    def __init__(self, student: Student, cfg: StudentConfig, *, lora: bool = True) -> None:
+        super().__init__()
+        if cfg.lora_layers is None or cfg.depth_layers is None or cfg.cost_layers is None:
+            raise ValueError("DistillModel needs a resolved StudentConfig (StudentConfig.resolved)")
+        if lora:
+            apply_lora(student, cfg)
+        attach_bottlenecks(student, cfg)
+        self.student = student
+        self.cfg = cfg
+        self.refine, self.depth_head = build_heads(student, cfg)
+        mark_trainable(self)
+
+    def features(self, pixel_values: torch.Tensor, *, match: bool = True, depth: bool = True,
+                 cost: bool = True) -> dict[str, torch.Tensor]:
+        """Dense feature grids [B, D, h, w] of the requested kinds."""
+        grids = self.student(pixel_values)
+        norm = self.student.final_norm
+        out = {}
+        if match:
+            final = norm(grids[self.cfg.match_layer])
+            out["match"] = final if self.refine is None else self.refine(final)
+        if depth:
+            out["depth"] = torch.stack([norm(grids[i]) for i in self.cfg.depth_layers]).mean(0)
+        if cost:
+            out["cost"] = torch.stack([norm(grids[i]) for i in self.cfg.cost_layers]).mean(0)
+        return out
+
+    def forward(self, batch: dict, loss_cfg: LossConfig, cv_grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Losses of one batch: {"total", "ap", "depth", "rank", "kl"} (unweighted parts, weighted total)."""
+        need_depth = loss_cfg.w_depth > 0 or loss_cfg.w_rank > 0
+        feats = self.features(torch.cat([batch["pixel_a"], batch["pixel_b"]]), match=loss_cfg.w_ap > 0,
+                              depth=need_depth, cost=loss_cfg.w_kl > 0)
+        # The encoder may run under bf16 autocast; the losses (sharp temperatures, 0.01 on cosines) may not.
+        with torch.autocast(device_type=batch["pixel_a"].device.type, enabled=False):
+            return self._losses({k: v.float() for k, v in feats.items()}, batch, loss_cfg, cv_grid)
+
+    def _losses(self, feats: dict, batch: dict, loss_cfg: LossConfig, cv_grid: tuple[int, int]) -> dict:
+        pairs = batch["pixel_a"].shape[0]
+        mask = batch["mask"]
+        # Scene normalisation: 0.1 then means 10% of the pair's median match depth, for any teacher's units.
+        scale = batch["scene_scale"].float()[:, None]
+        depth_a, depth_b = batch["depth_a"] / scale, batch["depth_b"] / scale
+        points_a, points_b = batch["points_a"] / scale[..., None], batch["points_b"] / scale[..., None]
+        zero = next(p for p in self.parameters() if p.requires_grad).sum() * 0
+        parts = {"ap": zero, "depth": zero, "rank": zero, "kl": zero}
+
+        if "match" in feats:
+            match = nn.functional.normalize(feats["match"], dim=1)
+            fa = nn.functional.normalize(sample_grid(match[:pairs], batch["xy_a"]), dim=-1)
+            fb = nn.functional.normalize(sample_grid(match[pairs:], batch["xy_b"]), dim=-1)
+            parts["ap"] = losses.smooth_ap_loss(fa, fb, points_a, points_b, mask,
+                                                temperature=loss_cfg.ap_temperature,
+                                                neg_distance=loss_cfg.neg_distance)
+        if "depth" in feats:
+            da = sample_grid(feats["depth"][:pairs], batch["xy_a"])
+            db = sample_grid(feats["depth"][pairs:], batch["xy_b"])
+            if loss_cfg.w_depth > 0:
+                parts["depth"] = losses.cross_view_depth_loss(self.depth_head, da, db, depth_a, depth_b, mask)
+            if loss_cfg.w_rank > 0:
+                # Matches come in random order, so a prefix is a random subset (the loss is N^2 in memory).
+                keep = slice(0, loss_cfg.rank_points or None)
+                parts["rank"] = losses.ranking_loss(self.depth_head, torch.cat([da[:, keep], db[:, keep]]),
+                                                    torch.cat([depth_a[:, keep], depth_b[:, keep]]),
+                                                    torch.cat([mask[:, keep], mask[:, keep]]),
+                                                    min_gap=loss_cfg.rank_min_gap)
+        if "cost" in feats:
+            centres = cell_centres(*cv_grid, device=mask.device).expand(pairs, -1, -1)
+            cells = nn.functional.normalize(sample_grid(feats["cost"], torch.cat([centres, centres])), dim=-1)
+            ca, cb = cells[:pairs], cells[pairs:]
+            kl_ab = losses.cost_volume_kl(ca, cb, batch["cv_ab_index"], batch["cv_ab_prob"], batch["cv_ab_valid"],
+                                          temperature=loss_cfg.cv_temperature)
+            kl_ba = losses.cost_volume_kl(cb, ca, batch["cv_ba_index"], batch["cv_ba_prob"], batch["cv_ba_valid"],
+                                          temperature=loss_cfg.cv_temperature)
+            parts["kl"] = (kl_ab + kl_ba) / 2
+        parts["total"] = (loss_cfg.w_ap * parts["ap"] + loss_cfg.w_depth * parts["depth"]
+                          + loss_cfg.w_rank * parts["rank"] + loss_cfg.w_kl * parts["kl"])
+        return parts

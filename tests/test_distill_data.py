@@ -1,0 +1,127 @@
+"""The training data stream: splitting, coverage, resume position, padding and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from distill_helpers import make_target_dataset
+from geod.pipeline.errors import ConfigError, InputReadError
+from geod.pipeline.format_spec import PROB_SCALE
+from geod.pipeline.reader import TargetDataset
+from geod.stage2_distill.config import DataConfig
+from geod.stage2_distill.data import PairIndex, PairStream, make_loader, plan_stream
+from geod.stage2_distill.students import Preprocessing
+
+PREP = Preprocessing(image_size=(16, 24), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resample=2)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    # 22 pairs in 3 shards of 8 (blocks of 4 rows): pair 5 failed, every 4th pair is "val".
+    return make_target_dataset(tmp_path_factory.mktemp("targets"), pairs=22, failed=(5,), val_every=4)
+
+
+def _config(dataset, **kwargs) -> DataConfig:
+    return DataConfig(shards=str(dataset), **{"batch_size": 2, "workers": 0, "shuffle_blocks": 2,
+                                              "max_matches": 6, **kwargs})
+
+
+def test_blocks_split_disjointly_over_ranks_and_workers_and_cover_every_eligible_pair(dataset):
+    index = PairIndex.from_dataset(TargetDataset.open(dataset), "train", str(dataset))
+    eligible = set(np.flatnonzero(index.eligible).tolist())
+    assert len(eligible) == 22 - 1 - 5  # failed pair 5, val pairs 3, 7, 11, 15, 19
+    for epoch in (0, 1):
+        seen: list[int] = []
+        blocks_per_stream = []
+        for stream in range(4):  # 2 ranks x 2 workers
+            plan = plan_stream(index, epoch=epoch, seed=3, stream=stream, n_streams=4, shuffle_blocks=2,
+                               batch_size=1)
+            seen += [int(p) for positions, _ in plan for p in positions]
+            blocks_per_stream.append({int(b) for _, blocks in plan for b in blocks})
+        assert sorted(seen) == sorted(eligible)  # each eligible pair exactly once
+        for i in range(4):
+            for j in range(i + 1, 4):
+                assert not blocks_per_stream[i] & blocks_per_stream[j]
+    first = [p for positions, _ in plan_stream(index, epoch=0, seed=3, stream=0, n_streams=1, shuffle_blocks=2,
+                                               batch_size=1) for p in positions]
+    second = [p for positions, _ in plan_stream(index, epoch=1, seed=3, stream=0, n_streams=1, shuffle_blocks=2,
+                                                batch_size=1) for p in positions]
+    assert sorted(first) == sorted(second) and first != second  # a new order every epoch
+
+
+def test_every_rank_yields_the_same_number_of_batches(dataset):
+    counts = []
+    for rank in range(2):
+        stream = PairStream(_config(dataset, workers=2, batch_size=1), PREP, rank=rank, world_size=2)
+        counts.append(stream.batches_per_epoch(0))
+        ids = [tuple(b["pair_id"]) for b in make_loader(stream)]
+        assert len(ids) == counts[-1]
+    assert counts[0] == counts[1] > 0
+
+
+def test_batches_are_padded_with_a_mask_and_hold_the_pairs_targets(dataset):
+    stream = PairStream(_config(dataset, max_matches=6), PREP)
+    ds = TargetDataset.open(dataset)
+    batch = next(iter(make_loader(stream)))
+    assert batch["pixel_a"].shape == (2, 3, 16, 24) and batch["pixel_a"].dtype == torch.float32
+    assert batch["mask"].shape[0] == 2 and batch["mask"].sum(1).tolist() == [6, 6]
+    for i, pair_id in enumerate(batch["pair_id"]):
+        pair = ds.pair(pair_id)
+        kept = batch["xy_a"][i][batch["mask"][i]].numpy()
+        # every kept match is one of the pair's matches, with its own B point and depths
+        rows = [int(np.flatnonzero((pair["match_xy_a"] == xy).all(1))[0]) for xy in kept]
+        assert np.array_equal(batch["xy_b"][i][batch["mask"][i]].numpy(), pair["match_xy_b"][rows])
+        assert np.array_equal(batch["depth_b"][i][batch["mask"][i]].numpy(), pair["match_depth_b"][rows])
+        assert batch["scene_scale"][i].item() == pytest.approx(float(np.median(pair["match_depth_a"])))
+        assert torch.allclose(batch["cv_ab_prob"][i], torch.from_numpy(pair["cv_ab_prob"]))
+        assert torch.equal(batch["cv_ba_valid"][i], torch.from_numpy(pair["cv_ba_valid"]))
+        assert batch["cv_ab_index"].dtype == torch.int64
+    assert (batch["cv_ab_prob"].sum(-1) <= 1 + 1e-6).all() and PROB_SCALE == 65535
+
+
+def test_padding_rows_are_zero_when_pairs_have_fewer_matches(tmp_path):
+    path = make_target_dataset(tmp_path, pairs=4, layout={"max_matches": 8, "grid_h": 2, "grid_w": 3, "topk": 2,
+                                                               "depth_h": 2, "depth_w": 3, "pairs_per_shard": 4,
+                                                               "rows_per_chunk": 4},
+                               height=16, width=16, max_shift=7)
+    stream = PairStream(_config(path, batch_size=4, max_matches=50, split=None, shuffle_blocks=1), PREP)
+    batch = next(iter(make_loader(stream)))
+    counts = [int(TargetDataset.open(path).pair(pid)["match_count"]) for pid in batch["pair_id"]]
+    assert batch["mask"].sum(1).tolist() == counts and batch["mask"].shape[1] == max(counts)
+    assert (batch["xy_a"][~batch["mask"]] == 0).all() and (batch["points_b"][~batch["mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_at_a_batch_gives_the_rest_of_the_epoch(dataset, workers):
+    stream = PairStream(_config(dataset, workers=workers, batch_size=1, seed=5), PREP)
+    stream.set_position(1, 0)
+    full = list(make_loader(stream))
+    for start in (3, 4):
+        stream.set_position(1, start)
+        tail = list(make_loader(stream))
+        assert [b["pair_id"] for b in tail] == [b["pair_id"] for b in full[start:]]
+        for ours, theirs in zip(tail, full[start:]):
+            assert all(torch.equal(ours[k], theirs[k]) for k in ours if torch.is_tensor(ours[k]))
+
+
+def test_skipped_batches_load_no_images(dataset, monkeypatch):
+    stream = PairStream(_config(dataset, batch_size=2), PREP)
+    total = stream.batches_per_epoch(0)
+    calls = []
+    original = type(stream.source).image
+    monkeypatch.setattr(type(stream.source), "image", lambda self, ref, sha: calls.append(ref) or
+                        original(self, ref, sha))
+    stream.set_position(0, total - 1)
+    assert len(list(make_loader(stream))) == 1
+    assert len(calls) == 2 * 2  # one batch of two pairs, two images each
+
+
+def test_changed_image_and_missing_split_are_clear_errors(tmp_path):
+    path = make_target_dataset(tmp_path, pairs=4)
+    with pytest.raises(ConfigError, match="no ok pairs with split 'val'.*'train'"):
+        PairStream(_config(path, split="val"), PREP)
+    (tmp_path / "images" / "0000_a.png").write_bytes((tmp_path / "images" / "0001_a.png").read_bytes())
+    stream = PairStream(_config(path, batch_size=4, shuffle_blocks=1), PREP)
+    with pytest.raises(InputReadError, match="0000_a.png"):
+        list(make_loader(stream))

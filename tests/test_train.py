@@ -1,0 +1,162 @@
+"""The training loop: schedule, exact resume, non-finite guard, outputs and loading them back."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from distill_helpers import make_target_dataset
+from geod.pipeline.errors import ConfigError
+from geod.stage2_distill import train
+from geod.stage2_distill.checkpoint import list_checkpoints, load_distilled
+from geod.stage2_distill.config import DataConfig, DistillConfig, OptimConfig, RunConfig, StudentConfig
+from geod.stage2_distill.model import DistillModel
+from safetensors.torch import load_file
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_target_dataset(tmp_path_factory.mktemp("targets"), pairs=16)
+
+
+def _config(dataset, out, *, steps=6, **run) -> DistillConfig:
+    return DistillConfig(
+        data=DataConfig(shards=str(dataset), batch_size=3, workers=0, shuffle_blocks=2, max_matches=12),
+        run=RunConfig(out=out, checkpoint_every=100, log_every=1, progress=False, **run),
+        student=StudentConfig(image_size=(32, 48), lora_layers=(2, 3), adapter_dim=8, lora_dropout=0.1),
+        optim=OptimConfig(lr=1e-3, warmup_steps=2, max_steps=steps))
+
+
+def test_learning_rate_schedule():
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    assert [train.learning_rate(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert train.learning_rate(9, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert train.learning_rate(14, cfg) == pytest.approx(0.1)
+    assert train.learning_rate(7, OptimConfig(lr=0.5, warmup_steps=0, max_steps=9, schedule="constant")) == 0.5
+
+
+def _trainable(path):
+    return load_file(path / "trainable.safetensors")
+
+
+def test_resume_continues_the_unbroken_trajectory(dataset, tmp_path):
+    # 16 pairs in batches of 3: 5 batches per epoch, so the 6 steps cross an epoch boundary and the break
+    # falls mid-epoch. LoRA dropout makes the RNG state matter too.
+    unbroken = train.run_distill(_config(dataset, tmp_path / "a"))
+    state = json.loads((list_checkpoints(tmp_path / "a")[-1] / "state.json").read_text())["train"]
+    assert (state["epoch"], state["batch"]) == (1, 1)
+    first = train.run_distill(_config(dataset, tmp_path / "b", stop_after_steps=3))
+    assert first.steps == 3 and not first.finished and not (tmp_path / "b" / "adapter").exists()
+    second = train.run_distill(_config(dataset, tmp_path / "b", resume=True))
+    assert unbroken.finished and second.finished and second.steps == 6
+    a, b = _trainable(list_checkpoints(tmp_path / "a")[-1]), _trainable(list_checkpoints(tmp_path / "b")[-1])
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert unbroken.last_losses == second.last_losses
+    # training moved the weights away from their zero initialisation
+    assert any(a[n].abs().max() > 0 for n in a if "lora_B" in n)
+
+    # the final outputs load back into the same model as the last checkpoint
+    final = load_distilled(tmp_path / "a")
+    from_checkpoint = load_distilled(tmp_path / "a", checkpoint=6)
+    pixels = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        x, y = final.features(pixels), from_checkpoint.features(pixels)
+    assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+    adapter = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == [f"encoder.layers.{layer}.self_attn.{p}" for layer in (2, 3)
+                                                 for p in ("q_proj", "v_proj")]
+    modules = load_file(tmp_path / "a" / "geod_modules.safetensors")
+    assert {k.split(".")[0] for k in modules} == {"student", "refine", "depth_head"}
+    student = json.loads((tmp_path / "a" / "student.json").read_text())
+    assert student["grid"] == [4, 6] and student["base_in_run"] is True
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["student"]["lora_layers"] == [2, 3]
+    assert any((tmp_path / "a" / "tb").iterdir())
+
+
+def test_non_finite_steps_are_skipped_then_abort(dataset, tmp_path, monkeypatch):
+    forward = DistillModel.forward
+    calls = []
+
+    def poisoned(self, batch, loss_cfg, cv_grid):
+        parts = forward(self, batch, loss_cfg, cv_grid)
+        calls.append(1)
+        if len(calls) == 2:
+            parts["total"] = parts["total"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(DistillModel, "forward", poisoned)
+    cfg = _config(dataset, tmp_path / "nan", steps=2)
+    summary = train.run_distill(cfg)
+    assert summary.steps == 2 and summary.skipped_steps == 1
+    # Only step 1 was applied: the optimizer holds one step of state, and it is step 1's.
+    state = json.loads((list_checkpoints(tmp_path / "nan")[-1] / "state.json").read_text())
+    assert state["train"]["skipped"] == 1
+    optim = load_file(list_checkpoints(tmp_path / "nan")[-1] / "optimizer.safetensors")
+    assert all(v.item() == 1.0 for k, v in optim.items() if k.endswith(".step"))
+
+    monkeypatch.setattr(DistillModel, "forward", lambda self, batch, loss_cfg, cv_grid: {
+        **forward(self, batch, loss_cfg, cv_grid), "total": torch.tensor(float("inf"), requires_grad=True)})
+    cfg = _config(dataset, tmp_path / "inf", steps=5)
+    cfg.optim.max_nonfinite = 2
+    with pytest.raises(train.TrainingDiverged, match="2 consecutive"):
+        train.run_distill(cfg)
+
+
+def test_existing_run_needs_resume_or_overwrite_and_resume_checks_the_config(dataset, tmp_path):
+    train.run_distill(_config(dataset, tmp_path / "r", steps=2))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train.run_distill(_config(dataset, tmp_path / "r", steps=2))
+    changed = _config(dataset, tmp_path / "r", steps=2, resume=True)
+    changed.optim.lr = 5e-4
+    with pytest.raises(ConfigError, match="optim.lr"):
+        train.run_distill(changed)
+    again = train.run_distill(_config(dataset, tmp_path / "r", steps=2, overwrite=True))
+    assert again.steps == 2 and len(list_checkpoints(tmp_path / "r")) == 1
+
+
+def _random_batch(pairs: int, matches: int, cells: int, topk: int, device) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.rand(*shape, generator=generator)
+    depth = 1 + rand(pairs, matches)
+    prob = torch.softmax(rand(pairs, cells, topk) * 4, -1).sort(-1, descending=True).values
+    batch = {"pixel_a": rand(pairs, 3, 32, 48) * 2 - 1, "pixel_b": rand(pairs, 3, 32, 48) * 2 - 1,
+             "xy_a": rand(pairs, matches, 2), "xy_b": rand(pairs, matches, 2),
+             "mask": torch.ones(pairs, matches, dtype=torch.bool), "depth_a": depth, "depth_b": depth + 0.1,
+             "points_a": rand(pairs, matches, 3) * 3, "points_b": rand(pairs, matches, 3) * 3,
+             "scene_scale": torch.ones(pairs)}
+    for side in ("ab", "ba"):
+        batch[f"cv_{side}_index"] = torch.stack([torch.stack([torch.randperm(cells, generator=generator)[:topk]
+                                                              for _ in range(cells)]) for _ in range(pairs)])
+        batch[f"cv_{side}_prob"] = prob
+        batch[f"cv_{side}_valid"] = torch.ones(pairs, cells, dtype=torch.bool)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_autocast_on_cuda_matches_fp32_and_trains(tmp_path):
+    from geod.stage2_distill.students import create_student
+
+    device = torch.device("cuda")
+    cfg = DistillConfig(data=DataConfig(shards="unused"), run=RunConfig(out=tmp_path, bf16=True),
+                        student=StudentConfig(image_size=(32, 48)), optim=OptimConfig(lr=1e-3, warmup_steps=0))
+    student = create_student(cfg.student)
+    model = DistillModel(student, cfg.student.resolved(student.num_layers, student.image_size)).to(device)
+    batch = _random_batch(4, 32, 24, 4, device)
+    with torch.no_grad():
+        exact = model(batch, cfg.loss, (4, 6))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fast = model(batch, cfg.loss, (4, 6))
+    for name in ("ap", "depth", "rank", "kl"):
+        assert fast[name].dtype == torch.float32
+        assert fast[name].item() == pytest.approx(exact[name].item(), rel=0.05, abs=1e-3), name
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    before = [p.detach().clone() for p in params]
+    values, grad_norm, applied = train.train_step(model, batch, optimizer, params, cfg, (4, 6), device, 1)
+    assert applied and math.isfinite(grad_norm) and math.isfinite(values["total"])
+    assert any(not torch.equal(b, p) for b, p in zip(before, params))
