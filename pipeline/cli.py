@@ -175,6 +175,105 @@ def validate(
     typer.secho(f"{dataset}: valid", fg=typer.colors.GREEN)
 
 
+def _config_dict(config: Optional[Path]) -> dict:
+    if config is None:
+        return {}
+    from geod.stage2_distill.config import load_config_file
+
+    return load_config_file(config)
+
+
+def _set_missing(data: dict, section: str, key: str, value) -> None:
+    """Fill a config value from a command-line option unless the option was left at None."""
+    if value is not None:
+        data.setdefault(section, {})[key] = value
+
+
+@app.command("distill")
+def distill(
+    shards: str = typer.Option(..., "--shards", "-s", help="Target dataset directory or URL."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory (adapters, heads, config, checkpoints)."),
+    student: Optional[str] = typer.Option(None, help="Student name (tiny-clip, clip, ...), local path or hub id."),
+    image_size: Optional[str] = typer.Option(None, help="Student input size HxW (default: its processor's)."),
+    steps: Optional[int] = typer.Option(None, help="Optimiser steps (default 1000)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-4)."),
+    batch_size: Optional[int] = typer.Option(None, help="Pairs per step (default 8)."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default 2)."),
+    split: Optional[str] = typer.Option(None, help="Split to train on (default train; 'all' = every ok pair)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    config: Optional[Path] = typer.Option(None, help="JSON config (sections as in RUN/config.json)."),
+    set_: list[str] = typer.Option([], "--set", help="Override any config value: section.key=value (repeatable)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its newest checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
+) -> None:
+    """Stage 2: fine-tune a student's vision encoder from a target dataset (no 3D model is loaded)."""
+    from geod.stage2_distill.config import DistillConfig, apply_overrides
+    from geod.stage2_distill.train import run_distill
+
+    data = _config_dict(config)
+    data.setdefault("data", {})["shards"] = shards
+    data.setdefault("run", {}).update(out=str(out), resume=resume, overwrite=overwrite)
+    _set_missing(data, "student", "name_or_path", student)
+    _set_missing(data, "student", "image_size", image_size and list(_parse_pair(image_size, "--image-size")))
+    _set_missing(data, "optim", "max_steps", steps)
+    _set_missing(data, "optim", "lr", lr)
+    _set_missing(data, "data", "batch_size", batch_size)
+    _set_missing(data, "data", "workers", workers)
+    if split is not None:
+        data["data"]["split"] = None if split == "all" else split
+    _set_missing(data, "run", "device", device)
+    optim = data.get("optim", {})
+    if "warmup_steps" not in optim and "max_steps" in optim:
+        optim["warmup_steps"] = min(100, max(optim["max_steps"] // 10, 1))
+    cfg = DistillConfig.from_dict(apply_overrides(data, set_))
+    summary = run_distill(cfg)
+    typer.echo(f"{summary.run_dir}: {summary.steps} steps ({summary.skipped_steps} skipped) in "
+               f"{summary.seconds:.0f} s; last losses {summary.last_losses}")
+
+
+@app.command("eval")
+def evaluate(
+    shards: str = typer.Option(..., "--shards", "-s", help="Target dataset with held-out pairs."),
+    student: str = typer.Option("tiny-clip", help="Run directory, student name, local path or hub id."),
+    split: str = typer.Option("val", help="Split to evaluate ('all' = every ok pair)."),
+    checkpoint: Optional[str] = typer.Option(None, help="With a run directory: a checkpoint step or path."),
+    image_size: Optional[str] = typer.Option(None, help="Input size HxW for a base student (runs keep theirs)."),
+    max_pairs: int = typer.Option(200, help="Pairs evaluated, spread over the split."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    draw: Optional[Path] = typer.Option(None, help="Write a PNG of predicted matches (green within 0.10)."),
+    out: Optional[Path] = typer.Option(None, help="Write the metrics as JSON."),
+) -> None:
+    """PCK@0.05/0.10 of correspondences and depth-order accuracy of a student on held-out pairs."""
+    from geod.stage2_distill.config import EvalConfig
+    from geod.stage2_distill.evaluate import evaluate as run_eval
+
+    size = _parse_pair(image_size, "--image-size") if image_size else None
+    result = run_eval(EvalConfig(
+        shards=shards, student=student, split=None if split == "all" else split, checkpoint=checkpoint,
+        image_size=size, max_pairs=max_pairs, device=device, draw=draw, out=out,
+    ))
+    typer.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Folder for scenes, targets, run, report."),
+    steps: int = typer.Option(150, help="Distillation steps."),
+    scenes: int = typer.Option(8, help="Synthetic scenes (a quarter held out for evaluation)."),
+    seed: int = typer.Option(0, help="Seed of scenes, pairs, student and training."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier demo in --out."),
+) -> None:
+    """End to end on synthetic data: scenes, targets, distillation, before/after evaluation."""
+    from geod.pipeline.demo import DemoConfig, format_report, run_demo
+
+    report = run_demo(DemoConfig(out=out, steps=steps, scenes=scenes, seed=seed, overwrite=overwrite))
+    typer.echo(format_report(report))
+    verdict = "improved" if report["improved_pck"] else "did NOT improve"
+    typer.echo(f"distillation {verdict} PCK@0.05; report: {out / 'report.json'}")
+    if not report["improved_pck"]:
+        raise typer.Exit(code=1)
+
+
 @app.command("export-targets")
 def export_targets(
     dataset: str = typer.Argument(..., help="Target dataset directory or URL."),

@@ -34,8 +34,12 @@ def gaussian_rows(target_uv: np.ndarray, grid_h: int, grid_w: int, sigma: float)
     # Target positions in patch units, where patch (row, col) has its centre at (row, col).
     col = uv[:, 0] * grid_w - 0.5
     row = uv[:, 1] * grid_h - 0.5
-    gx = np.exp(-0.5 * ((np.arange(grid_w)[None, :] - col[:, None]) / sigma) ** 2)
-    gy = np.exp(-0.5 * ((np.arange(grid_h)[None, :] - row[:, None]) / sigma) ** 2)
+    # Exponents relative to the nearest patch (the largest term is exp(0) = 1): a narrow sigma would
+    # otherwise underflow every term of a row whose target lies between patches, and 0 / 0 made it NaN.
+    ex = ((np.arange(grid_w)[None, :] - col[:, None]) / sigma) ** 2
+    ey = ((np.arange(grid_h)[None, :] - row[:, None]) / sigma) ** 2
+    gx = np.exp(-0.5 * (ex - ex.min(axis=1, keepdims=True)))
+    gy = np.exp(-0.5 * (ey - ey.min(axis=1, keepdims=True)))
     gx /= gx.sum(axis=1, keepdims=True)
     gy /= gy.sum(axis=1, keepdims=True)
     rows = (gy[:, :, None] * gx[:, None, :]).reshape(len(uv), grid_h * grid_w)

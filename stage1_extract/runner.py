@@ -180,15 +180,26 @@ def prepare_out_dir(out: Path, fingerprint: dict, *, overwrite: bool) -> None:
     elif entries:
         raise ConfigError(f"{out} is not empty and holds no geod extraction ({', '.join(sorted(entries)[:5])}); "
                           "choose an empty or new output directory")
+    # Temporaries of a killed writer of card.json / index.parquet / extract.json can never become outputs;
+    # left in place they would make a resumed dataset differ from an uninterrupted one.
     if overwrite:
-        for name in (*_OWN_ENTRIES, *(n for n in os.listdir(out) if n.startswith(".tmp-"))):
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        doomed = [*_OWN_ENTRIES, *(n for n in os.listdir(out) if n.startswith(".tmp-"))]
+    else:
+        doomed = [n for n in os.listdir(out) if _is_own_temporary(n)]
+    for name in doomed:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     if not record.exists():
         write_bytes_atomic(record, json_bytes(fingerprint))
+
+
+def _is_own_temporary(name: str) -> bool:
+    """Whether `name` is an atomic-write temporary (`.tmp-<file>-<pid>`) of one of the run's own files."""
+    base, _, pid = name[len(".tmp-"):].rpartition("-")
+    return name.startswith(".tmp-") and pid.isdigit() and base in _OWN_ENTRIES
 
 
 def _prefetch(pool: ThreadPoolExecutor, fn, items: Iterable, *, depth: int) -> Iterator:

@@ -150,6 +150,21 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path):
     assert again.shards_written == 0 and _files(out) == _files(reference)
 
 
+def test_rerun_removes_temporaries_of_a_run_killed_while_finalizing(tmp_path):
+    # Regression: a SIGKILL inside write_card / write_index / the extract.json write left `.tmp-<file>-<pid>`
+    # in OUT, which no rerun removed, so the resumed dataset never equalled an uninterrupted one.
+    manifest = make_manifest(tmp_path, frames=3)
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    run_extract(_config(manifest, reference))
+    run_extract(_config(manifest, out))
+    for name in ("card.json", "index.parquet", "extract.json"):
+        (out / f".tmp-{name}-99999").write_bytes(b"torn")
+    (out / ".tmp-notes-mine").write_text("not geod's")  # not one of the run's files: left alone
+    assert run_extract(_config(manifest, out)).shards_written == 0
+    (out / ".tmp-notes-mine").unlink()
+    assert _files(out) == _files(reference)
+
+
 def test_rerun_with_other_settings_is_refused_unless_overwrite(tmp_path):
     manifest = make_manifest(tmp_path, frames=3)
     out = tmp_path / "out"

@@ -321,3 +321,18 @@ def test_reader_names_a_damaged_chunk(tmp_path, b_make_dataset):
     assert dataset.read_rows(0, 0, 4)["cv_ab_index"].shape == (4, 12, 4)
     with pytest.raises(FormatError, match=r"\(shard 0\) rows 4-7, array 'cv_ab_index': cannot read"):
         dataset.read_rows(0, 4, 8)
+
+
+def test_match_coordinates_keep_sub_pixel_precision_at_2048_px(tmp_path, b_layout, b_random_block):
+    """The product requirement: stored normalised coordinates are within 0.01 px of the truth at 2048 px."""
+    from geod.pipeline.format_spec import FEATURE_BY_NAME
+
+    assert FEATURE_BY_NAME["match_xy_a"].dtype == FEATURE_BY_NAME["match_xy_b"].dtype == "float32"
+    arrays, rows = b_random_block(b_layout, 4)
+    x = np.random.default_rng(0).uniform(0, 2048, arrays["match_xy_a"].shape)  # sub-pixel positions
+    live = arrays["match_xy_a"] != 0
+    arrays["match_xy_a"] = np.where(live, x / 2048, 0).astype(np.float32)
+    write_shard(tmp_path, 0, arrays, rows, b_layout)
+    finalize_dataset(tmp_path, n_shards=1, layout=b_layout, teacher={"name": "t", "scene_units": "metres"})
+    stored = TargetDataset.open(tmp_path).read_rows(0, 0, 4, names=["match_xy_a"])["match_xy_a"]
+    assert np.abs(stored.astype(np.float64) * 2048 - x)[live].max() <= 0.01

@@ -136,6 +136,20 @@ def test_gaussian_rows_peak_on_the_target_patch():
     assert rows[centre, centre + 8 + 1] / rows[centre, centre] == pytest.approx(np.exp(-4.0))
 
 
+def test_gaussian_rows_stay_valid_for_a_narrow_sigma():
+    # Regression: with sigma 0.005 patch every exp() of a target half-way between two patches underflowed
+    # to 0, the normalisation gave NaN rows, and topk_quantize silently marked them invalid.
+    between = np.array([[2.0 / 8, 1.0 / 6], [(3 + 0.5) / 8, (2 + 0.5) / 6]])  # a patch corner; a centre
+    with np.errstate(invalid="raise", divide="raise"):
+        rows = gaussian_rows(between, 6, 8, 0.005)
+    np.testing.assert_allclose(rows.sum(axis=1), 1.0)
+    # The corner target splits its mass over the four patches around it; the centre keeps all of it.
+    np.testing.assert_allclose(rows[0, [8 * 0 + 1, 8 * 0 + 2, 8 * 1 + 1, 8 * 1 + 2]], 0.25)
+    assert rows[1, 2 * 8 + 3] == pytest.approx(1.0)
+    _, prob, valid = topk_quantize(rows, 4)
+    assert valid.all() and prob[0].tolist() == [16383] * 4
+
+
 def test_cost_volume_from_flow_follows_the_flow():
     pred = shifted_prediction(h=24, w=32, shift_px=4.0)  # 4 px = one patch of an 8-wide grid
     index, prob, valid = cost_volume_from_flow(pred.flow_ab, grid_h=6, grid_w=8, topk=5, sigma=0.5)
