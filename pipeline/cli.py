@@ -122,6 +122,7 @@ def extract(
     batch_size: int = typer.Option(8, help="Pairs per teacher call."),
     workers: int = typer.Option(2, help="Threads reading inputs and building targets."),
     seed: int = typer.Option(0, help="Seed of the match sampling."),
+    cv_sigma: float = typer.Option(0.5, help="Width (patches) of cost-volume rows derived from correspondences."),
     dataset_version: str = typer.Option("0.1.0", help="Release version written to the card."),
     licence: Optional[str] = typer.Option(None, help="Licence of the targets, written to the card."),
     overwrite: bool = typer.Option(False, help="Replace a dataset made with other settings."),
@@ -141,7 +142,7 @@ def extract(
     )
     cfg = ExtractConfig(
         pairs=pairs, out=out, teacher=teacher, teacher_options=options, layout=layout, batch_size=batch_size,
-        workers=workers, seed=seed, dataset_version=dataset_version, licence=licence, overwrite=overwrite,
+        workers=workers, seed=seed, cv_sigma=cv_sigma, dataset_version=dataset_version, licence=licence, overwrite=overwrite,
     )
     summary = run_extract(cfg)
     typer.echo(
@@ -210,6 +211,8 @@ def distill(
     from geod.stage2_distill.config import DistillConfig, apply_overrides
     from geod.stage2_distill.train import run_distill
 
+    if config is None and resume and (out / "config.json").exists():
+        config = out / "config.json"  # resume with the run's own resolved config unless told otherwise
     data = _config_dict(config)
     data.setdefault("data", {})["shards"] = shards
     data.setdefault("run", {}).update(out=str(out), resume=resume, overwrite=overwrite)

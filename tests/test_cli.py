@@ -1,0 +1,86 @@
+"""The command line: instant help, clear errors for bad input, and the README's commands."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from geod.pipeline.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_does_not_import_torch_or_zarr():
+    code = ("import sys; from geod.pipeline.cli import app; from typer.testing import CliRunner; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "heavy = [m for m in ('torch', 'transformers', 'zarr') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    for command in (["pairs", "scannet"], ["pairs", "folder"], ["demo-data"], ["extract"], ["info"],
+                    ["validate"], ["export-targets"], ["distill"], ["eval"], ["demo"]):
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage" in result.output
+
+
+def _geod(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "geod.pipeline.cli", *args], cwd=cwd, capture_output=True,
+                          text=True)
+
+
+def test_bad_manifest_gives_a_clear_error_and_no_output(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"pair_id": ["p0", "p0"], "scene_id": ["s", "s"], "image_a": ["a.jpg", "a.jpg"],
+                             "image_b": ["b.jpg", "b.jpg"]}), tmp_path / "pairs.parquet")
+    result = _geod("extract", "--pairs", "pairs.parquet", "--out", "targets", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "pair_id" in result.stderr and "row 1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "targets" / "card.json").exists()
+
+
+def test_pipeline_commands_chain_and_validate_catches_damage(tmp_path):
+    assert _geod("demo-data", "scenes", "--scenes", "2", "--frames", "6", cwd=tmp_path).returncode == 0
+    made = _geod("pairs", "scannet", "scenes", "--out", "pairs.parquet", "--frame-stride", "1",
+                 "--frame-gap", "1x3", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    extracted = _geod("extract", "--pairs", "pairs.parquet", "--out", "targets", "--grid", "6x8",
+                      "--depth-map", "12x16", "--topk", "8", "--max-matches", "64", "--pairs-per-shard", "8",
+                      "--rows-per-chunk", "4", cwd=tmp_path)
+    assert extracted.returncode == 0, extracted.stderr
+    assert _geod("validate", "targets", cwd=tmp_path).returncode == 0
+    info = _geod("info", "targets", cwd=tmp_path)
+    assert '"format": "geod-targets"' in info.stdout
+
+    chunk = sorted((tmp_path / "targets" / "shards").glob("shard-00000.zarr/match_xy_a/c/*/*/*"))[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    checked = _geod("validate", "targets", cwd=tmp_path)
+    assert checked.returncode == 1
+    assert "shard-00000" in checked.stderr and "match_xy_a" in checked.stderr
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    test_commands = re.findall(r"^python -m pytest.*$", readme, flags=re.M)
+    assert test_commands, "README shows no test command"
+    assert test_commands[0] in ci.splitlines()
+    assert re.search(r"^pip install -e '\.\[dev\]' && geod demo", readme, flags=re.M)
+
+
+@pytest.mark.parametrize("bad", ["24", "24xa", "x"])
+def test_grid_option_must_be_two_integers(tmp_path, bad):
+    result = CliRunner().invoke(app, ["extract", "--pairs", "p.parquet", "--out", "o", "--grid", bad])
+    assert result.exit_code != 0
+    assert "--grid" in result.output
