@@ -72,7 +72,7 @@ def _build_targets(cfg: DemoConfig) -> Path:
     targets = cfg.out / "targets"
     layout = DatasetLayout(max_matches=256, grid_h=24, grid_w=32, topk=32, depth_h=48, depth_w=64,
                            pairs_per_shard=64, rows_per_chunk=16)
-    run_extract(ExtractConfig(pairs=manifest, out=targets, layout=layout, workers=cfg.workers, seed=cfg.seed,
+    run_extract(ExtractConfig(pairs=manifest, out=targets, layout=layout, workers=max(cfg.workers, 1), seed=cfg.seed,
                               progress=cfg.progress))
     return targets
 
