@@ -79,17 +79,40 @@ def topk_quantize(rows: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray, 
     return index, values, valid
 
 
+def sample_flow(flow: np.ndarray, u: np.ndarray, v: np.ndarray, *, max_spread: float) -> np.ndarray:
+    """Flow [h, w, 2] read at normalised points: bilinear where the 4 surrounding pixels agree, else nearest.
+
+    Patch centres of an even-sized patch fall between pixels, so reading the nearest pixel alone would
+    shift every target by half a pixel. Interpolating across a depth edge would blend foreground and
+    background, so where the 4 neighbours are invalid or spread more than `max_spread` (normalised units)
+    apart the nearest pixel is used instead.
+    """
+    h, w = flow.shape[:2]
+    nearest = flow[nearest_index(v, h), nearest_index(u, w)].astype(np.float64)
+    x, y = u * w - 0.5, v * h - 0.5  # pixel-index coordinates (centre of pixel i at i)
+    x0 = np.clip(np.floor(x).astype(np.int64), 0, max(w - 2, 0))
+    y0 = np.clip(np.floor(y).astype(np.int64), 0, max(h - 2, 0))
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = np.clip(x - x0, 0.0, 1.0)[:, None], np.clip(y - y0, 0.0, 1.0)[:, None]
+    corners = np.stack([flow[y0, x0], flow[y0, x1], flow[y1, x0], flow[y1, x1]]).astype(np.float64)
+    blended = ((1 - fy) * ((1 - fx) * corners[0] + fx * corners[1])
+               + fy * ((1 - fx) * corners[2] + fx * corners[3]))
+    with np.errstate(invalid="ignore"):
+        spread = np.max(corners.max(axis=0) - corners.min(axis=0), axis=1)
+    smooth = np.isfinite(spread) & (spread <= max_spread)
+    return np.where(smooth[:, None], blended, nearest)
+
+
 def cost_volume_from_flow(
     flow: np.ndarray, *, grid_h: int, grid_w: int, topk: int, sigma: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cost volume of one direction from a dense flow [h, w, 2] (normalised target (u, v), NaN = none).
 
-    The flow is read at the pixel nearest to each patch centre of the source grid; a NaN there makes the
-    row invalid (averaging flows over a patch would blend foreground and background at depth edges).
+    The flow is read at each patch centre of the source grid (see `sample_flow`); no correspondence there
+    makes the row invalid.
     """
-    h, w = flow.shape[:2]
     u, v = grid_centres(grid_h, grid_w)
-    target = flow[nearest_index(v, h), nearest_index(u, w)].astype(np.float64)
+    target = sample_flow(flow, u, v, max_spread=0.5 / max(grid_h, grid_w))
     inside = np.all((target >= 0.0) & (target <= 1.0), axis=1)
     target[~inside] = np.nan
     return topk_quantize(gaussian_rows(target, grid_h, grid_w, sigma), topk)

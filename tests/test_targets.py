@@ -249,3 +249,24 @@ def test_teacher_registry():
         create_teacher("nope")
     with pytest.raises(TeacherError, match="bad options"):
         create_teacher("geometry", not_an_option=1)
+
+
+def test_flow_is_read_at_the_exact_patch_centre_not_the_nearest_pixel():
+    from geod.stage1_extract.cost_volume import sample_flow
+
+    # An affine flow over a 4x6 map: the patch centre (0.5, 0.5) lies between pixels 2 and 3 of each axis.
+    h, w = 4, 6
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    flow = np.stack([(xs + 0.5) / w * 0.5 + 0.1, (ys + 0.5) / h * 0.5 + 0.2], axis=-1).astype(np.float32)
+    got = sample_flow(flow, np.array([0.5]), np.array([0.5]), max_spread=1.0)
+    np.testing.assert_allclose(got[0], [0.5 * 0.5 + 0.1, 0.5 * 0.5 + 0.2], atol=1e-6)
+
+    # Across an edge (neighbours far apart) or next to a hole, the nearest pixel is used, never a blend.
+    edge = flow.copy()
+    edge[:, 3:, 0] += 0.4
+    got = sample_flow(edge, np.array([0.5]), np.array([0.5]), max_spread=0.05)
+    np.testing.assert_allclose(got[0], edge[2, 3], atol=1e-6)
+    hole = flow.copy()
+    hole[1, 2] = np.nan
+    got = sample_flow(hole, np.array([0.5]), np.array([0.5]), max_spread=1.0)
+    np.testing.assert_allclose(got[0], hole[2, 3], atol=1e-6)
