@@ -258,6 +258,29 @@ def evaluate(
     typer.echo(json.dumps(result, indent=2, sort_keys=True))
 
 
+@app.command("export")
+def export(
+    run: Path = typer.Argument(..., help="Distillation run directory (what `geod distill --out` wrote)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write: adapter/, merged/, "
+                             "geod_modules.safetensors, geod_export.json."),
+    merged: bool = typer.Option(True, "--merged/--adapter-only",
+                                help="Also save the base model (the full VLM for VLM students) with the LoRA "
+                                     "merged in, and its processor."),
+    checkpoint: Optional[str] = typer.Option(None, help="Export this checkpoint (step number or path) instead "
+                                                        "of the run's final outputs."),
+    drop_bottlenecks: bool = typer.Option(False, help="Export a run trained with bottleneck adapters anyway: the "
+                                          "exported model gets the LoRA only; the adapters are kept in "
+                                          "geod_modules.safetensors."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier export at --out."),
+) -> None:
+    """Export a distilled run as a peft adapter and a merged model that transformers loads without geod."""
+    from geod.stage2_distill.export_vlm import export_run
+
+    summary = export_run(run, out, merged=merged, checkpoint=checkpoint, drop_bottlenecks=drop_bottlenecks,
+                         overwrite=overwrite)
+    typer.echo(summary.describe())
+
+
 @app.command("demo")
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Folder for scenes, targets, run, report."),

@@ -72,26 +72,40 @@ class DepthHead(nn.Module):
 
 
 def lora_target_names(student: Student, layers: tuple[int, ...], targets: tuple[str, ...]) -> list[str]:
-    """Full module names (inside the transformers model) of the Linear layers LoRA adapts.
+    """Full module names (inside the tower, what peft's target names are relative to) of the Linear layers
+    LoRA adapts.
 
     A target matches a Linear inside a block whose own name ends with it ("q_proj" -> "self_attn.q_proj").
+    Towers with a fused qkv projection (Qwen2.5-VL, timm) map "q_proj" / "k_proj" / "v_proj" to it, so LoRA
+    there adapts q, k and v together. Only blocks 0 .. student.fed_layer can be adapted: for a VLM the later
+    blocks never reach the language model (LLaVA feeds the second-to-last block), and nothing outside the
+    vision tower is ever a target.
     """
     blocks = student.blocks()
-    names = []
+    names: list[str] = []
     for layer in layers:
+        if not 0 <= layer < student.num_layers:
+            why = f"; its VLM feeds block {student.fed_layer} to the projector" if student.is_vlm else ""
+            raise ConfigError(f"student.lora_layers: block {layer} is not one the student uses (blocks 0.."
+                              f"{student.fed_layer}{why})")
         block = blocks[layer]
         for target in targets:
+            wanted = student.kind.lora_aliases.get(target, target)
             found = [name for name, module in block.named_modules()
-                     if isinstance(module, nn.Linear) and (name == target or name.endswith("." + target))]
+                     if isinstance(module, nn.Linear) and (name == wanted or name.endswith("." + wanted))]
             if not found:
                 raise ConfigError(f"student.lora_targets: no Linear named {target!r} in block {layer} of "
                                   f"{student.name}")
             names.extend(f"{student.block_module_name(layer)}.{name}" for name in found)
-    return names
+    return list(dict.fromkeys(names))  # fused aliases repeat a module; keep the first of each
 
 
 def apply_lora(student: Student, cfg: StudentConfig) -> None:
-    """Wrap the student's tower in a peft LoRA model on exactly cfg.lora_layers x cfg.lora_targets."""
+    """Wrap the student's tower in a peft LoRA model on exactly cfg.lora_layers x cfg.lora_targets.
+
+    peft wraps the tower only (never a VLM's language model); for a VLM the injected LoRA layers sit in the
+    modules that `student.vlm()` holds too.
+    """
     from peft import LoraConfig, get_peft_model
 
     if cfg.lora_rank == 0 or not cfg.lora_layers:
@@ -101,6 +115,19 @@ def apply_lora(student: Student, cfg: StudentConfig) -> None:
                       target_modules=targets, bias="none", init_lora_weights=True)
     with quiet_peft():
         student.tower = get_peft_model(student.tower, lora, adapter_name=LORA_ADAPTER_NAME)
+
+
+def merge_lora(student: Student) -> None:
+    """Merge the LoRA into the tower's weights in place and drop the peft wrapper.
+
+    Afterwards `student.tower` is the plain tower with the distilled weights, and so is the tower inside
+    `student.vlm()` (the same modules). Bottleneck adapters are not touched (no architecture has a place for
+    them). A student without LoRA is left as it is.
+    """
+    if not hasattr(student.tower, "merge_and_unload"):
+        return
+    with quiet_peft():
+        student.tower = student.tower.merge_and_unload()
 
 
 def load_lora(student: Student, adapter_dir) -> None:

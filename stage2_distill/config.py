@@ -16,6 +16,7 @@ from typing import Any
 
 from geod.pipeline.errors import ConfigError
 
+PRESERVE_DISTANCES = ("cosine", "relative_mse")
 TINY_OVERRIDE_KEYS = (
     "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "image_size",
 )
@@ -45,7 +46,9 @@ class StudentConfig:
     lora_dropout: float = 0.0
     lora_layers: tuple[int, ...] | None = None
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    adapter_dim: int = 64  # bottleneck width of the adapters after each LoRA block; 0 = no adapters
+    # Bottleneck width of the adapters after each LoRA block; 0 = none. None = 64 for a bare tower (the
+    # method's default) and 0 for a VLM student, whose merged export must keep the VLM's architecture.
+    adapter_dim: int | None = None
     refine_head: bool = True
     depth_head_dim: int = 128
     match_layer: int = -1
@@ -61,7 +64,8 @@ class StudentConfig:
         _require(self.lora_rank >= 0, f"student.lora_rank must be >= 0, got {self.lora_rank}")
         _require(self.lora_alpha is None or self.lora_alpha > 0, "student.lora_alpha must be > 0")
         _require(0.0 <= self.lora_dropout < 1.0, "student.lora_dropout must be in [0, 1)")
-        _require(self.adapter_dim >= 0, f"student.adapter_dim must be >= 0, got {self.adapter_dim}")
+        _require(self.adapter_dim is None or self.adapter_dim >= 0,
+                 f"student.adapter_dim must be >= 0, got {self.adapter_dim}")
         _require(self.depth_head_dim > 0, "student.depth_head_dim must be > 0")
         for name in ("lora_layers", "depth_layers", "cost_layers"):
             value = getattr(self, name)
@@ -75,8 +79,8 @@ class StudentConfig:
         unknown = sorted(set(self.tiny_overrides) - set(TINY_OVERRIDE_KEYS))
         _require(not unknown, f"student.tiny_overrides: unknown keys {unknown}; allowed: {TINY_OVERRIDE_KEYS}")
 
-    def resolved(self, num_layers: int, image_size: tuple[int, int]) -> StudentConfig:
-        """A copy with every layer list explicit (non-negative, sorted) and the image size filled in."""
+    def resolved(self, num_layers: int, image_size: tuple[int, int], *, is_vlm: bool = False) -> StudentConfig:
+        """A copy with every layer list explicit (non-negative, sorted), the image size and adapter width set."""
 
         def fix(name: str, layers: tuple[int, ...] | None, default: range) -> tuple[int, ...]:
             chosen = tuple(default) if layers is None else layers
@@ -96,6 +100,7 @@ class StudentConfig:
         return dataclasses.replace(
             self,
             image_size=tuple(image_size),
+            adapter_dim=(0 if is_vlm else 64) if self.adapter_dim is None else self.adapter_dim,
             lora_layers=fix("lora_layers", self.lora_layers, range(third, num_layers)),
             depth_layers=fix("depth_layers", self.depth_layers, middle),
             cost_layers=fix("cost_layers", self.cost_layers, middle),
@@ -105,7 +110,8 @@ class StudentConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    """Weights and constants of the four losses (see geod.stage2_distill.losses).
+    """Weights and constants of the four losses and the optional feature-preservation term
+    (see geod.stage2_distill.losses).
 
     Distances and depth gaps are in scene-normalised units: every pair's depths and 3D points are divided
     by the median depth of its matches in view A, so `neg_distance=0.1` means 10% of the scene depth
@@ -121,11 +127,19 @@ class LossConfig:
     rank_min_gap: float = 0.05
     rank_points: int = 64  # matches per image used by the ranking loss (its cost grows as N^2); 0 = all
     cv_temperature: float = 0.05  # softmax temperature of the student's cosine cost volume
+    # Feature preservation: keep the encoder's features at `preserve_layer` close to the frozen base model's
+    # (computed in the same step with LoRA and adapters switched off), so the VLM the encoder feeds keeps
+    # seeing features it knows. 0 = off (no extra forward pass).
+    w_preserve: float = 0.0
+    preserve_distance: str = "cosine"  # "cosine" (1 - cos per patch) | "relative_mse" (see losses.py)
+    preserve_layer: int | None = None  # block index (negative from the end); None = the layer the VLM is fed
 
     def __post_init__(self) -> None:
-        for name in ("w_ap", "w_depth", "w_rank", "w_kl"):
+        for name in ("w_ap", "w_depth", "w_rank", "w_kl", "w_preserve"):
             _require(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
         _require(self.w_ap + self.w_depth + self.w_rank + self.w_kl > 0, "all loss weights are zero")
+        _require(self.preserve_distance in PRESERVE_DISTANCES,
+                 f"loss.preserve_distance: unknown {self.preserve_distance!r}; choose one of {PRESERVE_DISTANCES}")
         for name in ("ap_temperature", "cv_temperature"):
             _require(getattr(self, name) > 0, f"loss.{name} must be > 0")
         _require(self.neg_distance >= 0 and self.rank_min_gap >= 0, "loss thresholds must be >= 0")

@@ -9,7 +9,11 @@ Metrics (the same procedure for a base student and a distilled one):
   points predicts log depth up to a per-image offset (ridge regression, fitted on every other pair);
   on the remaining pairs, every two points of one image whose depths differ by more than `depth_min_gap`
   (scene-normalised) are scored: is the farther one predicted farther?
-- for distilled runs also the depth head's own order accuracy on the same point pairs.
+- for distilled runs also the depth head's own order accuracy on the same point pairs, and how far the
+  image features the VLM consumes moved: the cosine similarity, patch token by patch token, between the
+  distilled and the base encoder's output of the fed block (final-normed where the VLM does so, see
+  `model.fed_view`) on every evaluated image (A and B). `feature_cosine_mean` averages all tokens;
+  `feature_cosine_min` is the lowest per-image mean (the image that moved most); 1.0 = unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from geod.pipeline.errors import ConfigError
 from geod.stage2_distill.config import EvalConfig, StudentConfig
 from geod.stage2_distill.data import PairIndex, PairSource, scene_scale, subsample_matches
-from geod.stage2_distill.model import DistillModel, sample_grid
+from geod.stage2_distill.model import DistillModel, fed_layer, sample_grid
 from torch import nn
 
 
@@ -46,6 +50,12 @@ def load_eval_model(spec: str, *, image_size: tuple[int, int] | None = None, che
     model = DistillModel(student, cfg.resolved(student.num_layers, student.image_size), lora=False)
     model.requires_grad_(False)
     return model.to(device).eval(), False
+
+
+def image_cosines(grid: torch.Tensor, base: torch.Tensor) -> np.ndarray:
+    """Per-image mean over patch tokens of cos(distilled token, base token); grids [B, D, h, w] -> [B]."""
+    cosine = nn.functional.cosine_similarity(grid.double(), base.double(), dim=1, eps=1e-8)
+    return cosine.flatten(1).mean(1).cpu().numpy()
 
 
 def _predict_matches(match_b: torch.Tensor, feat_a: torch.Tensor, upsample: int) -> torch.Tensor:
@@ -133,7 +143,8 @@ def evaluate_model(model: DistillModel, source: PairSource, index: PairIndex, cf
     if len(positions) < 2:
         raise ConfigError(f"{cfg.shards}: {len(positions)} evaluable pair(s); the depth probe needs at least 2")
     cache: dict[int, dict] = {}
-    errors, views, drawings = [], [], []
+    errors, views, drawings, cosines = [], [], [], []
+    layer = fed_layer(model.student) if distilled else None
     for first in tqdm(range(0, len(positions), cfg.batch_size), disable=not cfg.progress, desc="eval",
                       unit="batch"):
         chunk = positions[first:first + cfg.batch_size].tolist()
@@ -148,7 +159,9 @@ def evaluate_model(model: DistillModel, source: PairSource, index: PairIndex, cf
             raw_a.append(source.image(index.image_a[position], index.sha_a[position]))
             raw_b.append(source.image(index.image_b[position], index.sha_b[position]))
         pixels = torch.from_numpy(np.stack([source.preprocessing(im) for im in raw_a + raw_b])).to(device)
-        feats = model.features(pixels, match=True, depth=True, cost=False)
+        feats = model.features(pixels, match=True, depth=True, cost=False, preserve=layer)
+        if layer is not None:
+            cosines.append(image_cosines(feats["preserve"], model.base_grid(pixels, layer)))
         match = nn.functional.normalize(feats["match"].float(), dim=1)
         depth = feats["depth"].float()
         for i, (row, position) in enumerate(zip(rows, chunk)):
@@ -197,6 +210,11 @@ def evaluate_model(model: DistillModel, source: PairSource, index: PairIndex, cf
             scores = [head(v["torch"][None, :, :] - v["torch"][:, None, :]).float().cpu().numpy() for v in test]
             metrics["depth_order_head_acc"] = order_accuracy(scores, [v["depth"] for v in test],
                                                              [v["scale"] for v in test], cfg.depth_min_gap)[0]
+    if cosines:
+        per_image = np.concatenate(cosines)
+        metrics["feature_cosine_mean"] = float(per_image.mean())
+        metrics["feature_cosine_min"] = float(per_image.min())
+        metrics["feature_cosine_layer"] = layer
     if drawings:
         from PIL import Image
 

@@ -1,4 +1,5 @@
-"""The four distillation losses of the method, batched with padding masks.
+"""The four distillation losses of the method, batched with padding masks, and an optional
+feature-preservation term that keeps the encoder close to what its VLM was trained with.
 
 Shapes: B pairs, N matches per pair (padded; `mask` [B, N] marks real ones), D feature channels, P cells of
 the teacher's cost-volume grid, K kept teacher entries per row.
@@ -110,3 +111,29 @@ def cost_volume_kl(cells_a: torch.Tensor, cells_b: torch.Tensor, index: torch.Te
     rows = valid & (mass.squeeze(-1) > 0)
     kl = (torch.xlogy(teacher, teacher) - teacher * log_student).sum(-1)  # [B, P]
     return _masked_pair_mean(kl, rows.to(kl.dtype))
+
+
+def feature_preservation_loss(student: torch.Tensor, base: torch.Tensor, *,
+                              distance: str = "cosine") -> torch.Tensor:
+    """How far the student's patch features moved from the frozen base model's, averaged over patches.
+
+    student, base [B, D, h, w]: the same layer's patch grids of the distilled and the untouched encoder
+    (base carries no gradient). Per patch token t (a D-vector):
+      "cosine":       1 - cos(s_t, b_t)                      (direction only; 0 = unchanged, max 2)
+      "relative_mse": |s_t - b_t|^2 / mean_t' |b_t'|^2       (squared distance relative to the image's mean
+                                                              squared base norm, so the value does not depend
+                                                              on the encoder's feature scale)
+    The per-token values are averaged over the tokens of each image, then over images.
+    """
+    student, base = _wide(student), _wide(base).detach()
+    if student.shape != base.shape:
+        raise ValueError(f"feature_preservation_loss: student {tuple(student.shape)} vs base {tuple(base.shape)}")
+    if distance == "cosine":
+        per_token = 1 - nn.functional.cosine_similarity(student, base, dim=1, eps=1e-8)  # [B, h, w]
+    elif distance == "relative_mse":
+        squared = (student - base).pow(2).sum(1)  # [B, h, w]
+        reference = base.pow(2).sum(1).mean(dim=(1, 2), keepdim=True).clamp(min=1e-12)
+        per_token = squared / reference
+    else:
+        raise ValueError(f"feature_preservation_loss: unknown distance {distance!r} (cosine, relative_mse)")
+    return per_token.mean(dim=(1, 2)).mean()

@@ -4,12 +4,19 @@ One student forward per image gives every feature the losses need:
 - matching features: final block, final norm, refine conv, sampled bilinearly at keypoints, L2-normalised;
 - depth features: mean of the depth blocks (each final-normed), sampled at keypoints;
 - cost-volume features: mean of the cost blocks (final-normed), sampled at the teacher grid's cell centres,
-  L2-normalised.
+  L2-normalised;
+- preservation features (only when loss.w_preserve > 0): the patch grid the VLM consumes (the fed block's
+  output, after the final norm for VLMs that apply it, see `fed_view`), compared with the same grid of the
+  untouched base encoder. The base grid comes from a second, gradient-free pass of the same modules with
+  LoRA and the bottleneck adapters switched off (`adapters_disabled`), so no copy of the encoder is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from geod.pipeline.errors import ConfigError
 from geod.stage2_distill import losses
 from geod.stage2_distill.adapters import apply_lora, attach_bottlenecks, build_heads, mark_trainable
 from geod.stage2_distill.config import LossConfig, StudentConfig
@@ -34,6 +41,47 @@ def cell_centres(grid_h: int, grid_w: int, device: torch.device | None = None) -
     return torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1)
 
 
+def fed_layer(student: Student) -> int:
+    """Index of the block whose output the student's VLM consumes (the last block for a bare tower)."""
+    return int(student.fed_layer)
+
+
+def fed_view(student: Student, grid: torch.Tensor, layer: int) -> torch.Tensor:
+    """Block `layer`'s grid as the VLM sees it: the fed block goes through the tower's final norm when the
+    VLM applies it (PaliGemma, Idefics3, Qwen2.5-VL); LLaVA-style models and other blocks take it raw."""
+    handle = student.vlm_handle
+    if layer == fed_layer(student) and handle is not None and handle.feeds_final_norm:
+        return student.final_norm(grid)
+    return grid
+
+
+def preserve_layer_index(student: Student, layer: int | None) -> int:
+    """loss.preserve_layer made a non-negative block index (None = `fed_layer`)."""
+    chosen = fed_layer(student) if layer is None else layer
+    index = chosen + student.num_layers if chosen < 0 else chosen
+    if not 0 <= index < student.num_layers:
+        raise ConfigError(f"loss.preserve_layer {layer} does not exist (the student has {student.num_layers} "
+                          f"blocks)")
+    return index
+
+
+@contextlib.contextmanager
+def adapters_disabled(student: Student):
+    """Run the student as its base model: peft's LoRA switched off and no bottleneck adapters applied.
+
+    The adapters stay in memory (and keep their gradients); they are only bypassed inside the block.
+    """
+    adapters = student.block_adapters
+    lora_off = student.tower.disable_adapter() if hasattr(student.tower, "disable_adapter") \
+        else contextlib.nullcontext()
+    student.block_adapters = nn.ModuleDict()  # Student.forward applies what this holds
+    try:
+        with lora_off:
+            yield student
+    finally:
+        student.block_adapters = adapters
+
+
 class DistillModel(nn.Module):
     """Student + LoRA + bottleneck adapters + heads; `cfg` must be resolved (explicit layer lists)."""
 
@@ -50,11 +98,14 @@ class DistillModel(nn.Module):
         mark_trainable(self)
 
     def features(self, pixel_values: torch.Tensor, *, match: bool = True, depth: bool = True,
-                 cost: bool = True) -> dict[str, torch.Tensor]:
-        """Dense feature grids [B, D, h, w] of the requested kinds."""
+                 cost: bool = True, preserve: int | None = None) -> dict[str, torch.Tensor]:
+        """Dense feature grids [B, D, h, w] of the requested kinds; `preserve`: also that block's grid as the
+        VLM sees it (key "preserve", see `fed_view`)."""
         grids = self.student(pixel_values)
         norm = self.student.final_norm
         out = {}
+        if preserve is not None:
+            out["preserve"] = fed_view(self.student, grids[preserve], preserve)
         if match:
             final = norm(grids[self.cfg.match_layer])
             out["match"] = final if self.refine is None else self.refine(final)
@@ -64,11 +115,21 @@ class DistillModel(nn.Module):
             out["cost"] = torch.stack([norm(grids[i]) for i in self.cfg.cost_layers]).mean(0)
         return out
 
+    def base_grid(self, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+        """Block `layer`'s grid [B, D, h, w] of the base encoder (adapters off, `fed_view`), without gradient."""
+        with torch.no_grad(), adapters_disabled(self.student):
+            return fed_view(self.student, self.student(pixel_values)[layer], layer).detach()
+
     def forward(self, batch: dict, loss_cfg: LossConfig, cv_grid: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """Losses of one batch: {"total", "ap", "depth", "rank", "kl"} (unweighted parts, weighted total)."""
+        """Losses of one batch: {"total", "ap", "depth", "rank", "kl", "preserve"} (unweighted parts, weighted
+        total)."""
         need_depth = loss_cfg.w_depth > 0 or loss_cfg.w_rank > 0
-        feats = self.features(torch.cat([batch["pixel_a"], batch["pixel_b"]]), match=loss_cfg.w_ap > 0,
-                              depth=need_depth, cost=loss_cfg.w_kl > 0)
+        pixels = torch.cat([batch["pixel_a"], batch["pixel_b"]])
+        layer = preserve_layer_index(self.student, loss_cfg.preserve_layer) if loss_cfg.w_preserve > 0 else None
+        feats = self.features(pixels, match=loss_cfg.w_ap > 0, depth=need_depth, cost=loss_cfg.w_kl > 0,
+                              preserve=layer)
+        if layer is not None:
+            feats["preserve_base"] = self.base_grid(pixels, layer)
         # The encoder may run under bf16 autocast; the losses (sharp temperatures, 0.01 on cosines) may not.
         with torch.autocast(device_type=batch["pixel_a"].device.type, enabled=False):
             return self._losses({k: v.float() for k, v in feats.items()}, batch, loss_cfg, cv_grid)
@@ -81,7 +142,7 @@ class DistillModel(nn.Module):
         depth_a, depth_b = batch["depth_a"] / scale, batch["depth_b"] / scale
         points_a, points_b = batch["points_a"] / scale[..., None], batch["points_b"] / scale[..., None]
         zero = next(p for p in self.parameters() if p.requires_grad).sum() * 0
-        parts = {"ap": zero, "depth": zero, "rank": zero, "kl": zero}
+        parts = {"ap": zero, "depth": zero, "rank": zero, "kl": zero, "preserve": zero}
 
         if "match" in feats:
             match = nn.functional.normalize(feats["match"], dim=1)
@@ -111,6 +172,10 @@ class DistillModel(nn.Module):
             kl_ba = losses.cost_volume_kl(cb, ca, batch["cv_ba_index"], batch["cv_ba_prob"], batch["cv_ba_valid"],
                                           temperature=loss_cfg.cv_temperature)
             parts["kl"] = (kl_ab + kl_ba) / 2
+        if "preserve" in feats:
+            parts["preserve"] = losses.feature_preservation_loss(feats["preserve"], feats["preserve_base"],
+                                                                 distance=loss_cfg.preserve_distance)
         parts["total"] = (loss_cfg.w_ap * parts["ap"] + loss_cfg.w_depth * parts["depth"]
-                          + loss_cfg.w_rank * parts["rank"] + loss_cfg.w_kl * parts["kl"])
+                          + loss_cfg.w_rank * parts["rank"] + loss_cfg.w_kl * parts["kl"]
+                          + loss_cfg.w_preserve * parts["preserve"])
         return parts

@@ -1,14 +1,21 @@
 """Students: the vision encoders geod distils into, looked up by name in a small registry.
 
-A `Student` wraps one transformer vision tower and exposes what distillation needs, whatever the model
-family: the output of every transformer block as a patch grid, the final norm, the patch grid of an input
-size, and its own preprocessing (size, mean, std, resampling) read from its processor config.
+A `Student` wraps one vision tower and exposes what distillation needs, whatever the model family: the
+output of every transformer block up to the one that matters as a patch grid [B, D, gh, gw] in raster
+order, the final norm, the patch grid of an input size, and its own preprocessing (size, mean, std,
+resampling) read from its own processor config.
 
-Names understood by `create_student`:
-- "tiny-clip", "tiny-siglip": random-initialised tiny towers (seeded), for tests and demos;
-- a local directory or a hub id holding a CLIP or SigLIP model (vision tower or full two-tower model);
-  the family is read from its config.json `model_type`.
-New families (e.g. the vision towers of LLaVA or Qwen2.5-VL) register a builder in `_FAMILY_BUILDERS`.
+Names understood by `create_student` (`supported_students()` says the same at run time):
+- tiny random-initialised students (seeded) for tests and demos: tiny-clip, tiny-siglip, tiny-llava,
+  tiny-llava-onevision, tiny-paligemma, tiny-idefics3, tiny-smolvlm, tiny-qwen2_5_vl, tiny-timm;
+- a local directory or a hub id, its family read from config.json `model_type`:
+  clip / siglip (a vision tower or a full two-tower model), llava, llava_onevision, paligemma, idefics3,
+  smolvlm, qwen2_5_vl (the whole VLM is loaded; its vision tower is the student, see vlm_towers);
+- timm ViTs: "timm" (the method's backbone), "timm:<name>", "timm/<name>", a saved timm folder.
+
+For a VLM the student keeps the full model (`Student.vlm()`, `Student.tower_prefix`) so the distilled
+tower can be merged back and saved as the VLM. `num_layers` counts the tower blocks up to and including the
+one the VLM feeds to its projector (`fed_layer`); later blocks are neither run nor adapted.
 """
 
 from __future__ import annotations
@@ -22,9 +29,22 @@ import numpy as np
 import torch
 from geod.pipeline.errors import StudentError
 from geod.stage2_distill.config import StudentConfig
+from geod.stage2_distill.student_families import (
+    PROCESSOR_FILE,
+    TOWER_KINDS,
+    TowerGeometry,
+    TowerKind,
+    processor_image_size,
+    tower_kind_for,
+)
+from geod.stage2_distill.timm_student import build_timm, is_timm_dir, is_timm_name, save_timm
+from geod.stage2_distill.tiny_students import TINY, build_tiny
+from geod.stage2_distill.vlm_towers import VLM_FAMILIES, VlmHandle, load_vlm, vlm_family_for, vlm_handle
 from torch import nn
 
-PROCESSOR_FILE = "preprocessor_config.json"
+# Bare towers: registry family -> (transformers class, config.json model_type values)
+TOWER_FAMILIES = {"clip": ("CLIPVisionModel", ("clip", "clip_vision_model")),
+                  "siglip": ("SiglipVisionModel", ("siglip", "siglip_vision_model"))}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,46 +75,85 @@ class Preprocessing:
                 "resample": self.resample, "rescale_factor": self.rescale_factor}
 
 
+class _FedLayerReached(Exception):
+    """Raised by the hook of the last block a student needs, to skip the blocks after it."""
+
+
 class Student(nn.Module):
     """A vision tower seen as a stack of blocks whose outputs are patch grids.
 
-    forward(pixel_values [B, 3, H, W]) -> list of L tensors [B, D, H/p, W/p], the output of every block
-    (prefix tokens such as CLS dropped), after any bottleneck adapter attached to that block.
+    forward(pixel_values [B, 3, H, W]) -> list of `num_layers` tensors [B, D, H/p, W/p], the output of
+    blocks 0 .. fed_layer (prefix tokens such as CLS dropped, raster order), each after the bottleneck
+    adapter attached to that block if any.
     """
 
-    def __init__(self, *, name: str, family: str, tower: nn.Module, block_path: str, final_norm_path: str | None,
-                 hidden_size: int, num_layers: int, patch_size: int, num_prefix_tokens: int,
-                 native_size: tuple[int, int], preprocessing: Preprocessing, source: dict) -> None:
+    def __init__(self, *, name: str, family: str, tower: nn.Module, kind: TowerKind, geometry: TowerGeometry,
+                 num_layers: int, preprocessing: Preprocessing, processor_config: dict, source: dict,
+                 vlm: VlmHandle | None = None) -> None:
         super().__init__()
         self.name = name
         self.family = family
-        self.tower = tower
-        self.block_path = block_path
-        self.final_norm_path = final_norm_path
-        self.hidden_size = hidden_size
+        self.tower = tower  # what peft wraps; for a VLM the same object as vlm().get_submodule(tower_prefix)
+        self.kind = kind
+        self.geometry = geometry
+        self.block_path = kind.block_path(tower)
+        self.final_norm_path = kind.norm_path(tower)
+        self.hidden_size = geometry.hidden_size
+        self.patch_size = geometry.patch_size
+        self.num_prefix_tokens = geometry.num_prefix_tokens
+        self.native_size = geometry.native_size
+        self.tower_layers = geometry.num_blocks
         self.num_layers = num_layers
-        self.patch_size = patch_size
-        self.num_prefix_tokens = num_prefix_tokens
-        self.native_size = native_size
         self.preprocessing = preprocessing
+        self.processor_config = processor_config
         self.source = source
+        self.vlm_handle = vlm  # a plain attribute: the language model is not part of this module's tree
         # Filled by geod.stage2_distill.adapters.attach_bottlenecks: block index (str) -> adapter.
         self.block_adapters = nn.ModuleDict()
 
     # -- structure -------------------------------------------------------------------------------------------
     def base_model(self) -> nn.Module:
-        """The transformers model under any peft wrapper."""
+        """The tower under any peft wrapper."""
         return self.tower.get_base_model() if hasattr(self.tower, "get_base_model") else self.tower
 
     def blocks(self) -> nn.ModuleList:
         return self.base_model().get_submodule(self.block_path)
 
     def block_module_name(self, index: int) -> str:
-        """Name of block `index` inside the transformers model (what peft's target names are relative to)."""
+        """Name of block `index` inside the tower (what peft's target names are relative to)."""
         return f"{self.block_path}.{index}"
 
+    @property
+    def fed_layer(self) -> int:
+        """Index of the block whose output the VLM feeds its projector (the last block of a bare tower);
+        always num_layers - 1: the student stops there."""
+        return self.num_layers - 1
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.vlm_handle is not None
+
+    def vlm(self) -> nn.Module:
+        """The full VLM the tower belongs to. LoRA applied to the student is inside it (same modules); after
+        `adapters.merge_lora(student)` its weights are the distilled ones and `save_pretrained` works. Its
+        language model stays on the device it was loaded on (CPU); the tower moves with the student."""
+        if self.vlm_handle is None:
+            raise StudentError(f"student {self.name} ({self.family}) is a bare vision tower, not part of a VLM")
+        return self.vlm_handle.model
+
+    @property
+    def tower_prefix(self) -> str | None:
+        """Module path of the tower inside `vlm()` (e.g. "model.vision_tower"); None for a bare tower."""
+        return None if self.vlm_handle is None else self.vlm_handle.tower_prefix
+
+    def vlm_module_name(self, tower_name: str) -> str:
+        """A module or parameter name inside the (unwrapped) tower, as named inside the VLM."""
+        if self.vlm_handle is None:
+            return tower_name
+        return f"{self.vlm_handle.tower_prefix}.{tower_name}" if tower_name else self.vlm_handle.tower_prefix
+
     def final_norm(self, grid: torch.Tensor) -> torch.Tensor:
-        """Apply the tower's final LayerNorm over the channel axis of a [B, D, h, w] grid."""
+        """Apply the tower's final norm over the channel axis of a [B, D, h, w] grid."""
         if self.final_norm_path is None:
             return nn.functional.layer_norm(grid.transpose(1, -1), (grid.shape[1],)).transpose(1, -1)
         norm = self.base_model().get_submodule(self.final_norm_path)
@@ -111,9 +170,11 @@ class Student(nn.Module):
     def describe(self) -> dict:
         """What `RUN/student.json` records about the base model."""
         return {"name": self.name, "family": self.family, "source": self.source, "hidden_size": self.hidden_size,
-                "num_layers": self.num_layers, "patch_size": self.patch_size,
-                "native_size": list(self.native_size), "grid": list(self.patch_grid()),
-                "preprocessing": self.preprocessing.to_dict()}
+                "num_layers": self.num_layers, "tower_layers": self.tower_layers, "fed_layer": self.fed_layer,
+                "patch_size": self.patch_size, "size_multiple": self.geometry.size_multiple,
+                "native_size": None if self.native_size is None else list(self.native_size),
+                "grid": list(self.patch_grid()), "preprocessing": self.preprocessing.to_dict(),
+                "vlm": None if self.vlm_handle is None else self.vlm_handle.describe()}
 
     # -- inference ---------------------------------------------------------------------------------------------
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -122,14 +183,17 @@ class Student(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         height, width = pixel_values.shape[-2:]
-        if height % self.patch_size or width % self.patch_size:
-            raise StudentError(f"student {self.name}: input {height}x{width} is not a multiple of the patch "
-                               f"size {self.patch_size}")
-        grid = (height // self.patch_size, width // self.patch_size)
+        multiple = self.geometry.size_multiple
+        if height % multiple or width % multiple:
+            raise StudentError(f"student {self.name}: input {height}x{width} is not a multiple of {multiple} "
+                               f"(its patch size{' x merge size' if multiple != self.patch_size else ''})")
+        call = self.kind.prepare(self.base_model(), pixel_values, self.geometry)
         outputs: dict[int, torch.Tensor] = {}
+        last = self.num_layers - 1
+        skip_rest = self.num_layers < self.tower_layers
 
         # Hooks (rather than output_hidden_states) so that adapters change what the next block sees and the
-        # recorded grids are post-adapter, for any tower that is a plain stack of blocks.
+        # recorded outputs are post-adapter, for any tower that is a stack of blocks.
         adapters = {int(key): module for key, module in self.block_adapters.items()}
 
         def hook(index: int) -> Callable:
@@ -139,175 +203,148 @@ class Student(nn.Module):
                 if adapter is not None:
                     tokens = adapter(tokens)
                 outputs[index] = tokens
+                if skip_rest and index == last:
+                    raise _FedLayerReached
                 if adapter is None:
                     return None
                 return tokens if isinstance(output, torch.Tensor) else (tokens, *output[1:])
             return on_output
 
-        handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(self.blocks())]
+        blocks = self.blocks()
+        handles = [blocks[i].register_forward_hook(hook(i)) for i in range(self.num_layers)]
         try:
-            self.tower(pixel_values=pixel_values,
-                       interpolate_pos_encoding=(height, width) != tuple(self.native_size))
+            self.tower(*call.args, **call.kwargs)
+        except _FedLayerReached:
+            pass
         finally:
             for handle in handles:
                 handle.remove()
-        grids = []
-        for index in range(self.num_layers):
-            tokens = outputs[index][:, self.num_prefix_tokens:]
-            batch, count, dim = tokens.shape
-            if count != grid[0] * grid[1]:
-                raise StudentError(f"student {self.name}: block {index} gave {count} patch tokens, "
-                                   f"expected {grid[0]}x{grid[1]}")
-            grids.append(tokens.transpose(1, 2).reshape(batch, dim, grid[0], grid[1]))
-        return grids
+        return [call.to_grid(outputs[index]) for index in range(self.num_layers)]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # registry
 
 
-@dataclass(frozen=True)
-class _Family:
-    """How to load one transformers model family as a Student."""
-
-    model_class: str  # transformers class of the vision tower
-    model_types: tuple[str, ...]  # config.json model_type values that map to this family
-    block_path: str
-    final_norm_path: str | None
-    num_prefix_tokens: int
-
-
-_FAMILIES: dict[str, _Family] = {
-    "clip": _Family("CLIPVisionModel", ("clip", "clip_vision_model"), "encoder.layers", "post_layernorm", 1),
-    "siglip": _Family("SiglipVisionModel", ("siglip", "siglip_vision_model"), "encoder.layers",
-                      "post_layernorm", 0),
-}
-
-_TINY: dict[str, tuple[str, dict, dict]] = {
-    # name -> (family, vision config, processor config); sized so that a few minutes of CPU training move it
-    "tiny-clip": ("clip",
-                  {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-                   "image_size": 64, "patch_size": 8},
-                  {"mean": "OPENAI_CLIP_MEAN", "std": "OPENAI_CLIP_STD", "resample": 3}),
-    "tiny-siglip": ("siglip",
-                    {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-                     "image_size": 64, "patch_size": 8, "vision_use_head": False},
-                    {"mean": "IMAGENET_STANDARD_MEAN", "std": "IMAGENET_STANDARD_STD", "resample": 2}),
-}
-
-
 def student_names() -> list[str]:
-    return sorted(_TINY) + sorted(_FAMILIES)
+    return sorted(TINY) + ["tiny-timm"] + sorted(TOWER_FAMILIES) + sorted(VLM_FAMILIES) + ["timm"]
+
+
+def supported_students() -> str:
+    """A one-paragraph list of what `create_student` accepts (used in error messages)."""
+    types = [f"{name} ({', '.join(types)})" for name, (_, types) in sorted(TOWER_FAMILIES.items())]
+    types += [f"{name} ({', '.join(family.model_types)})" for name, family in sorted(VLM_FAMILIES.items())]
+    return (f"tiny students: {', '.join(sorted(TINY) + ['tiny-timm'])}; local directories or hub ids whose "
+            f"config.json model_type is one of: {'; '.join(types)}; timm ViTs: 'timm', 'timm:<model name>', "
+            f"'timm/<model name>' or a saved timm folder")
 
 
 def _family_for_model_type(model_type: str, where: str) -> str:
-    for family, spec in _FAMILIES.items():
-        if model_type in spec.model_types:
+    for family, (_, types) in TOWER_FAMILIES.items():
+        if model_type in types:
             return family
-    known = sorted(t for spec in _FAMILIES.values() for t in spec.model_types)
-    raise StudentError(f"{where}: model_type {model_type!r} is not a supported student (known: {known})")
+    vlm = vlm_family_for(model_type)
+    if vlm is not None:
+        return vlm.name
+    raise StudentError(f"{where}: model_type {model_type!r} is not a supported student (a vision tower or a "
+                       f"vision-language model is needed). Supported: {supported_students()}")
 
 
-def _processor_preprocessing(processor: dict, image_size: tuple[int, int] | None, where: str) -> Preprocessing:
+def _preprocessing(processor: dict, image_size: tuple[int, int], where: str) -> Preprocessing:
     try:
         mean = tuple(float(v) for v in processor["image_mean"])
         std = tuple(float(v) for v in processor["image_std"])
     except (KeyError, TypeError, ValueError):
         raise StudentError(f"{where}: {PROCESSOR_FILE} lacks image_mean / image_std") from None
-    if image_size is None:
-        size = processor.get("crop_size") if processor.get("do_center_crop") else processor.get("size")
-        size = size or processor.get("size") or {}
-        if "height" in size and "width" in size:
-            image_size = (int(size["height"]), int(size["width"]))
-        elif "shortest_edge" in size:
-            image_size = (int(size["shortest_edge"]),) * 2
-        else:
-            raise StudentError(f"{where}: cannot tell the input size from {PROCESSOR_FILE} ({size}); "
-                               f"set student.image_size")
-    return Preprocessing(image_size=tuple(image_size), mean=mean, std=std,
+    return Preprocessing(image_size=tuple(int(v) for v in image_size), mean=mean, std=std,
                          resample=int(processor.get("resample", 3)),
                          rescale_factor=float(processor.get("rescale_factor", 1.0 / 255.0)))
 
 
-def _build_tiny(cfg: StudentConfig) -> tuple[nn.Module, str, dict, dict]:
-    import transformers
-    from transformers import image_utils
-
-    family, vision, proc = _TINY[cfg.name_or_path]
-    vision = {**vision, **cfg.tiny_overrides}
-    spec = _FAMILIES[family]
-    config_class = getattr(transformers, spec.model_class.replace("Model", "Config"))
-    model_class = getattr(transformers, spec.model_class)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        tower = model_class(config_class(**vision))
-    side = vision["image_size"]
-    processor = {"image_mean": list(getattr(image_utils, proc["mean"])),
-                 "image_std": list(getattr(image_utils, proc["std"])), "resample": proc["resample"],
-                 "rescale_factor": 1.0 / 255.0, "size": {"height": side, "width": side}}
-    source = {"kind": "tiny", "name": cfg.name_or_path, "seed": cfg.seed, "overrides": dict(cfg.tiny_overrides)}
-    return tower, family, processor, source
-
-
-def _build_pretrained(cfg: StudentConfig) -> tuple[nn.Module, str, dict, dict]:
+def _load_pretrained(cfg: StudentConfig, where: str) -> tuple[nn.Module, str, dict, dict]:
     import transformers
     from transformers import AutoConfig
     from transformers.image_processing_base import ImageProcessingMixin
 
-    where = f"student {cfg.name_or_path!r}"
     try:
         model_type = AutoConfig.from_pretrained(cfg.name_or_path).model_type
     except (OSError, ValueError) as exc:
-        raise StudentError(f"{where}: not a known student name ({', '.join(student_names())}) and no readable "
-                           f"model config at that path or hub id: {exc}") from None
+        raise StudentError(f"{where}: not a known student name and no readable model config at that path or "
+                           f"hub id ({exc}). Supported: {supported_students()}") from None
     family = _family_for_model_type(model_type, where)
     try:
         processor, _ = ImageProcessingMixin.get_image_processor_dict(cfg.name_or_path)
     except (OSError, ValueError) as exc:
         raise StudentError(f"{where}: no image processor config ({PROCESSOR_FILE}); the student's "
                            f"normalisation must come from it: {exc}") from None
-    model_class = getattr(transformers, _FAMILIES[family].model_class)
-    try:
-        tower = model_class.from_pretrained(cfg.name_or_path)
-    except (OSError, ValueError) as exc:
-        raise StudentError(f"{where}: cannot load the {model_class.__name__}: {exc}") from None
+    if family in VLM_FAMILIES:
+        model = load_vlm(cfg.name_or_path, VLM_FAMILIES[family], where)
+    else:
+        model_class = getattr(transformers, TOWER_FAMILIES[family][0])
+        try:
+            model = model_class.from_pretrained(cfg.name_or_path)
+        except (OSError, ValueError) as exc:
+            raise StudentError(f"{where}: cannot load the {model_class.__name__}: {exc}") from None
     local = Path(cfg.name_or_path).is_dir()
-    source = {"kind": "local" if local else "hub", "name_or_path": str(Path(cfg.name_or_path).resolve())
-              if local else cfg.name_or_path}
-    return tower, family, processor, source
+    source = {"kind": "local" if local else "hub",
+              "name_or_path": str(Path(cfg.name_or_path).resolve()) if local else cfg.name_or_path}
+    return model, family, processor, source
 
 
 def create_student(cfg: StudentConfig) -> Student:
     """Build the student named by `cfg.name_or_path` (frozen base weights, no adapters yet)."""
-    if cfg.name_or_path in _TINY:
-        tower, family, processor, source = _build_tiny(cfg)
+    name = cfg.name_or_path
+    where = f"student {name!r}"
+    if is_timm_name(name) or is_timm_dir(name):
+        model, processor, source = build_timm(name, seed=cfg.seed, overrides=cfg.tiny_overrides)
+        family = "timm"
+    elif name in TINY:
+        model, spec, processor = build_tiny(name, cfg.seed, cfg.tiny_overrides)
+        family = spec.family
+        source = {"kind": "tiny", "name": name, "seed": cfg.seed, "overrides": dict(cfg.tiny_overrides)}
+    elif name.startswith("tiny-"):
+        raise StudentError(f"{where}: no such tiny student. Supported: {supported_students()}")
     else:
-        tower, family, processor, source = _build_pretrained(cfg)
-    spec = _FAMILIES[family]
-    vision = tower.config
-    preprocessing = _processor_preprocessing(processor, cfg.image_size, f"student {cfg.name_or_path!r}")
-    patch = int(vision.patch_size)
+        model, family, processor, source = _load_pretrained(cfg, where)
+
+    handle = None
+    if family in VLM_FAMILIES:
+        tower, handle = vlm_handle(model, VLM_FAMILIES[family], where)
+        model.requires_grad_(False)
+        model.eval()
+    else:
+        tower = model.float()
+    kind = TOWER_KINDS["timm"] if family == "timm" else tower_kind_for(tower, where)
+    geometry = kind.geometry(tower)
+    image_size = cfg.image_size or processor_image_size(processor, kind, geometry, where)
+    preprocessing = _preprocessing(processor, image_size, where)
     height, width = preprocessing.image_size
-    if height % patch or width % patch:
-        raise StudentError(f"student {cfg.name_or_path!r}: image size {height}x{width} is not a multiple of its "
-                           f"patch size {patch}; choose student.image_size accordingly")
+    multiple = geometry.size_multiple
+    if height % multiple or width % multiple:
+        raise StudentError(f"{where}: image size {height}x{width} is not a multiple of its patch size "
+                           f"{multiple}; choose student.image_size accordingly")
     tower.requires_grad_(False)
     tower.eval()
-    return Student(name=cfg.name_or_path, family=family, tower=tower, block_path=spec.block_path,
-                   final_norm_path=spec.final_norm_path, hidden_size=int(vision.hidden_size),
-                   num_layers=int(vision.num_hidden_layers), patch_size=patch,
-                   num_prefix_tokens=spec.num_prefix_tokens, native_size=(int(vision.image_size),) * 2,
-                   preprocessing=preprocessing, source=source)
+    num_layers = geometry.num_blocks if handle is None else handle.fed_layer + 1
+    return Student(name=name, family=family, tower=tower, kind=kind, geometry=geometry, num_layers=num_layers,
+                   preprocessing=preprocessing, processor_config=dict(processor), source=source, vlm=handle)
 
 
 def save_base(student: Student, directory: Path) -> None:
-    """Save the student's base tower and processor config so `create_student` can load it from `directory`."""
+    """Save the student's base model (the full VLM for a VLM student) and its processor config, so that
+    `create_student` loads it back from `directory` exactly as it would a hub id."""
+    if hasattr(student.tower, "peft_config"):
+        raise StudentError(f"student {student.name}: save_base saves the base model; call it before LoRA is "
+                           f"applied (or merge the LoRA first with adapters.merge_lora)")
     directory.mkdir(parents=True, exist_ok=True)
-    student.base_model().save_pretrained(directory)
-    prep = student.preprocessing
-    processor = {"image_mean": list(prep.mean), "image_std": list(prep.std), "resample": prep.resample,
-                 "rescale_factor": prep.rescale_factor, "do_resize": True, "do_normalize": True,
-                 "do_rescale": True, "size": {"height": prep.image_size[0], "width": prep.image_size[1]},
-                 "image_processor_type": f"{_FAMILIES[student.family].model_class[:-len('VisionModel')]}"
-                                         f"ImageProcessor"}
+    if student.family == "timm":
+        save_timm(student.base_model(), student.source["timm"], directory)
+    elif student.is_vlm:
+        student.vlm().save_pretrained(directory)
+    else:
+        student.base_model().save_pretrained(directory)
+    processor = dict(student.processor_config)
+    if "image_processor_type" not in processor and student.family in TOWER_FAMILIES:
+        processor["image_processor_type"] = TOWER_FAMILIES[student.family][0].replace("VisionModel",
+                                                                                      "ImageProcessor")
     (directory / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")

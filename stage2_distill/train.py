@@ -33,7 +33,7 @@ from geod.stage2_distill.data import PairStream, make_loader
 from geod.stage2_distill.model import DistillModel
 from geod.stage2_distill.students import create_student, save_base
 
-LOSS_NAMES = ("total", "ap", "depth", "rank", "kl")
+LOSS_NAMES = ("total", "ap", "depth", "rank", "kl", "preserve")
 _RUN_ENTRIES = ("config.json", "student.json", "adapter", "geod_modules.safetensors", CHECKPOINTS, "tb", BASE_DIR)
 
 
@@ -180,7 +180,8 @@ def _setup(cfg: DistillConfig) -> _Session:
 
     torch.manual_seed(cfg.data.seed)  # head initialisation
     student = create_student(cfg.student)
-    resolved = dataclasses.replace(cfg, student=cfg.student.resolved(student.num_layers, student.image_size))
+    resolved = dataclasses.replace(cfg, student=cfg.student.resolved(student.num_layers, student.image_size,
+                                                                         is_vlm=student.is_vlm))
     base_in_run = student.source.get("kind") == "tiny"
     if rank == 0 and base_in_run and not (run_dir / BASE_DIR).is_dir():
         tmp = run_dir / f".tmp-{BASE_DIR}-{os.getpid()}"

@@ -24,7 +24,7 @@ def test_help_does_not_import_torch_or_zarr():
 def test_every_command_has_help():
     runner = CliRunner()
     for command in (["pairs", "scannet"], ["pairs", "folder"], ["demo-data"], ["extract"], ["info"],
-                    ["validate"], ["export-targets"], ["distill"], ["eval"], ["demo"]):
+                    ["validate"], ["export-targets"], ["distill"], ["eval"], ["export"], ["demo"]):
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0, (command, result.output)
         assert "Usage" in result.output
