@@ -149,6 +149,13 @@ def extract(
         f"{summary.out}: {summary.pairs} pairs ({summary.ok} ok, {summary.failed} failed) in {summary.shards} "
         f"shards; {summary.shards_written} written now, {summary.shards_skipped} already complete"
     )
+    if summary.failed:
+        typer.secho(f"{summary.failed} pair(s) failed: their reasons are in the 'reason' column of "
+                    f"{summary.out / 'index.parquet'}", fg=typer.colors.YELLOW, err=True)
+    if summary.pairs and not summary.ok:
+        # Every pair failing points at a systematic problem (wrong paths, wrong teacher), not bad samples.
+        typer.secho("error: every pair failed; nothing usable was extracted", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
 
 
 @app.command("info")

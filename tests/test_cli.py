@@ -84,3 +84,15 @@ def test_grid_option_must_be_two_integers(tmp_path, bad):
     result = CliRunner().invoke(app, ["extract", "--pairs", "p.parquet", "--out", "o", "--grid", bad])
     assert result.exit_code != 0
     assert "--grid" in result.output
+
+
+def test_extract_exits_non_zero_when_every_pair_failed(tmp_path):
+    from geod.data_manifests.manifest import write_manifest
+
+    write_manifest([{"pair_id": f"p{i}", "scene_id": "s", "image_a": f"missing_{i}_a.jpg",
+                     "image_b": f"missing_{i}_b.jpg"} for i in range(3)], tmp_path / "pairs.parquet")
+    result = _geod("extract", "--pairs", "pairs.parquet", "--out", "targets", "--grid", "6x8", "--topk", "8",
+                   cwd=tmp_path)
+    assert result.returncode == 1
+    assert "every pair failed" in result.stderr and "3 pair(s) failed" in result.stderr
+    assert (tmp_path / "targets" / "index.parquet").exists()  # the failures themselves are recorded
