@@ -6,7 +6,7 @@ into place, so one that exists is complete:
   optimizer.safetensors   the optimizer's tensor state ("<param index>.<key>")
   state.json              step, data position, counters, optimizer param groups and scalar state, the
                           resolved config (checked on resume)
-  rng.safetensors         torch RNG states (CPU, and CUDA when present)
+  rng.safetensors         torch RNG states (CPU, and the current CUDA device's when CUDA is in use)
 No pickle: tensors go to safetensors, everything else to JSON.
 
 Final outputs of a finished run:
@@ -88,8 +88,10 @@ def save_checkpoint(run_dir: Path, model: DistillModel, optimizer: torch.optim.O
                 scalars.setdefault(str(index), {})[key] = value
     save_file(tensors, tmp / "optimizer.safetensors")
     rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # The current device's generator only: get_rng_state_all would open a CUDA context on every visible
+        # GPU from this one process (under torchrun, on every other rank's GPU).
+        rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, tmp / "rng.safetensors")
     _write_json(tmp / "state.json", {"train": dataclasses.asdict(state), "param_groups": optim["param_groups"],
                                      "optimizer_scalars": scalars, "config": config})
@@ -137,10 +139,8 @@ def load_checkpoint(path: Path, model: DistillModel, optimizer: torch.optim.Opti
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
+    if torch.cuda.is_available() and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])  # the current device, as saved
     return TrainState(**meta["train"])
 
 

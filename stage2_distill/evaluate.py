@@ -162,7 +162,7 @@ def evaluate_model(model: DistillModel, source: PairSource, index: PairIndex, cf
         feats = model.features(pixels, match=True, depth=True, cost=False, preserve=layer)
         if layer is not None:
             cosines.append(image_cosines(feats["preserve"], model.base_grid(pixels, layer)))
-        match = nn.functional.normalize(feats["match"].float(), dim=1)
+        match = feats["match"].float()  # sampled (A) or upsampled (B) first, then normalised, as in training
         depth = feats["depth"].float()
         for i, (row, position) in enumerate(zip(rows, chunk)):
             count = int(row["match_count"])

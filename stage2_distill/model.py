@@ -102,17 +102,31 @@ class DistillModel(nn.Module):
         """Dense feature grids [B, D, h, w] of the requested kinds; `preserve`: also that block's grid as the
         VLM sees it (key "preserve", see `fed_view`)."""
         grids = self.student(pixel_values)
-        norm = self.student.final_norm
+        normed: dict[int, torch.Tensor] = {}
+        means: dict[tuple[int, ...], torch.Tensor] = {}
+
+        # Each block is normalised once, and a layer mean shared by the depth and cost features (the default
+        # layer lists coincide) is computed once: fewer kernels per step, the same values.
+        def norm(index: int) -> torch.Tensor:
+            if index not in normed:
+                normed[index] = self.student.final_norm(grids[index])
+            return normed[index]
+
+        def layer_mean(layers: tuple[int, ...]) -> torch.Tensor:
+            if layers not in means:
+                means[layers] = torch.stack([norm(i) for i in layers]).mean(0)
+            return means[layers]
+
         out = {}
         if preserve is not None:
             out["preserve"] = fed_view(self.student, grids[preserve], preserve)
         if match:
-            final = norm(grids[self.cfg.match_layer])
+            final = norm(self.cfg.match_layer)
             out["match"] = final if self.refine is None else self.refine(final)
         if depth:
-            out["depth"] = torch.stack([norm(grids[i]) for i in self.cfg.depth_layers]).mean(0)
+            out["depth"] = layer_mean(tuple(self.cfg.depth_layers))
         if cost:
-            out["cost"] = torch.stack([norm(grids[i]) for i in self.cfg.cost_layers]).mean(0)
+            out["cost"] = layer_mean(tuple(self.cfg.cost_layers))
         return out
 
     def base_grid(self, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
@@ -145,7 +159,9 @@ class DistillModel(nn.Module):
         parts = {"ap": zero, "depth": zero, "rank": zero, "kl": zero, "preserve": zero}
 
         if "match" in feats:
-            match = nn.functional.normalize(feats["match"], dim=1)
+            # The method's order: refined grid -> bilinear sample -> L2-normalise (normalising the grid first
+            # would reweight the bilinear neighbours by their norms).
+            match = feats["match"]
             fa = nn.functional.normalize(sample_grid(match[:pairs], batch["xy_a"]), dim=-1)
             fb = nn.functional.normalize(sample_grid(match[pairs:], batch["xy_b"]), dim=-1)
             parts["ap"] = losses.smooth_ap_loss(fa, fb, points_a, points_b, mask,
