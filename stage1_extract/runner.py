@@ -4,8 +4,11 @@ Shards are consecutive blocks of `layout.pairs_per_shard` manifest rows. A rerun
 and checksum are complete, deletes torn ones and rebuilds them; since targets depend only on the inputs,
 the teacher and the pair_id-seeded sampling, the result is byte-identical to an uninterrupted run.
 
-Work is pipelined: a thread pool reads and decodes the next pairs and builds targets while the main thread
-runs `teacher.predict` on a batch, and a separate thread compresses and writes the previous shard. A pair
+Work is pipelined: a thread pool reads, decodes and prepares (`teacher.prepare`, e.g. resizing) the next
+pairs and builds targets while `teacher.predict` runs on a batch (two batches at once for teachers that
+allow it, so one batch's host-side work overlaps the next one's device work), and `write_workers` threads
+compress, hash and write finished shards (each shard on its own, so the bytes do not depend on how many
+run at once). A pair
 whose inputs cannot be read, that the teacher rejects or whose targets break the format is recorded as
 failed (zero arrays, its reason in the index) and the run goes on.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,7 +49,8 @@ class ExtractConfig:
     pairs: the pair manifest (parquet); out: the target dataset directory (created);
     teacher / teacher_options: registry name and keyword options of the teacher;
     layout: sizes of the targets and shards; batch_size: pairs per `teacher.predict` call;
-    workers: threads reading inputs and building targets; seed: mixed into each pair's match sampling;
+    workers: threads reading inputs and building targets; write_workers: shards compressed and written at
+    once (each holds one finished shard in memory); seed: mixed into each pair's match sampling;
     cv_sigma: width (patches) of flow-derived cost-volume rows; overwrite: replace a dataset made with other
     settings; verify_existing: re-hash finished shards before skipping them; progress: show a tqdm bar.
     """
@@ -57,6 +62,7 @@ class ExtractConfig:
     layout: DatasetLayout = field(default_factory=DatasetLayout)
     batch_size: int = 8
     workers: int = 2
+    write_workers: int = 2
     dataset_version: str = "0.1.0"
     licence: str | None = None
     seed: int = 0
@@ -64,6 +70,7 @@ class ExtractConfig:
     overwrite: bool = False
     verify_existing: bool = True
     progress: bool = True
+    switch_interval_ms: float | None = None
 
     def __post_init__(self) -> None:
         self.pairs, self.out = Path(self.pairs), Path(self.out)
@@ -71,9 +78,12 @@ class ExtractConfig:
             self.layout = DatasetLayout.from_dict(self.layout)
         if not isinstance(self.teacher_options, dict):
             raise ConfigError(f"teacher_options must be a dict, got {type(self.teacher_options).__name__}")
-        if self.batch_size < 1 or self.workers < 1:
-            raise ConfigError(f"batch_size and workers must be >= 1, got {self.batch_size}, {self.workers}")
+        if self.batch_size < 1 or self.workers < 1 or self.write_workers < 1:
+            raise ConfigError(f"batch_size, workers and write_workers must be >= 1, got {self.batch_size}, "
+                              f"{self.workers}, {self.write_workers}")
         TargetConfig.from_layout(self.layout, cv_sigma=self.cv_sigma, seed=self.seed)  # validates cv_sigma
+        if self.switch_interval_ms is not None and not self.switch_interval_ms > 0:
+            raise ConfigError(f"switch_interval_ms must be > 0 or None, got {self.switch_interval_ms}")
 
 
 @dataclass(kw_only=True)
@@ -117,26 +127,39 @@ def run_extract(cfg: ExtractConfig, *, teacher: Teacher | None = None) -> Extrac
             todo.append(shard)
     done = len(manifest.rows) - sum(len(blocks[shard]) for shard in todo)
 
-    with tqdm(total=len(manifest.rows), initial=done, unit="pair", desc=f"extract ({teacher.name})",
-              disable=not cfg.progress, dynamic_ncols=True) as bar, \
-            ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="geod-extract") as pool, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="geod-write") as writer:
-        stage = _ShardStage(teacher=teacher, targets=targets, base_dir=manifest.base_dir, pool=pool,
-                            batch_size=cfg.batch_size, bar=bar)
-        loads = _prefetch(pool, stage.load, (row for shard in todo for row in blocks[shard]),
-                          depth=2 * cfg.batch_size + cfg.workers)
-        pending_write: Future | None = None
-        for shard in todo:
-            arrays, rows = stage.extract(blocks[shard], loads)
-            if pending_write is not None:
-                pending_write.result()  # at most one shard waits in memory while the next is computed
-            pending_write = writer.submit(shard_io.write_shard, cfg.out, shard, arrays, rows, cfg.layout)
-        if pending_write is not None:
-            pending_write.result()
+    n_predict = 2 if getattr(teacher, "concurrent_predict", False) else 1
+    previous_interval = sys.getswitchinterval()
+    if cfg.switch_interval_ms is not None:
+        sys.setswitchinterval(cfg.switch_interval_ms / 1000)
+    try:
+        _run_shards(cfg, teacher, targets, manifest, blocks, todo, done, n_predict, shard_io, tqdm)
+    finally:
+        sys.setswitchinterval(previous_interval)
 
     card = _finalize(cfg, manifest, teacher, n_shards=len(blocks))
     return ExtractSummary(out=cfg.out, pairs=card.counts.pairs, ok=card.counts.ok, failed=card.counts.failed,
                           shards=card.counts.shards, shards_written=len(todo), shards_skipped=len(blocks) - len(todo))
+
+
+def _run_shards(cfg: ExtractConfig, teacher: Teacher, targets: TargetConfig, manifest, blocks: list, todo: list,
+                done: int, n_predict: int, shard_io, tqdm) -> None:
+    with tqdm(total=len(manifest.rows), initial=done, unit="pair", desc=f"extract ({teacher.name})",
+              disable=not cfg.progress, dynamic_ncols=True) as bar, \
+            ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="geod-extract") as pool, \
+            ThreadPoolExecutor(max_workers=n_predict, thread_name_prefix="geod-predict") as predictor, \
+            ThreadPoolExecutor(max_workers=cfg.write_workers, thread_name_prefix="geod-write") as writer:
+        stage = _ShardStage(teacher=teacher, targets=targets, base_dir=manifest.base_dir, pool=pool,
+                            predictor=predictor, in_flight=n_predict, batch_size=cfg.batch_size, bar=bar)
+        loads = _prefetch(pool, stage.load, (row for shard in todo for row in blocks[shard]),
+                          depth=(n_predict + 1) * cfg.batch_size + cfg.workers)
+        writes: deque[Future] = deque()
+        for shard in todo:
+            arrays, rows = stage.extract(blocks[shard], loads)
+            while len(writes) >= cfg.write_workers:  # bounded: each waiting shard is held in memory
+                writes.popleft().result()
+            writes.append(writer.submit(shard_io.write_shard, cfg.out, shard, arrays, rows, cfg.layout))
+        while writes:
+            writes.popleft().result()
 
 
 def _check_teacher_grid(teacher: Teacher, layout: DatasetLayout) -> None:
@@ -227,9 +250,10 @@ class _ShardStage:
     """Turns the rows of one shard into its arrays and index rows (load -> predict -> build)."""
 
     def __init__(self, *, teacher: Teacher, targets: TargetConfig, base_dir: Path, pool: ThreadPoolExecutor,
-                 batch_size: int, bar) -> None:
+                 predictor: ThreadPoolExecutor, in_flight: int, batch_size: int, bar) -> None:
         self.teacher, self.targets, self.base_dir = teacher, targets, base_dir
         self.pool, self.batch_size, self.bar = pool, batch_size, bar
+        self.predictor, self.in_flight = predictor, in_flight
         self.dims = targets.dims()
         self.failures = 0
 
@@ -238,11 +262,15 @@ class _ShardStage:
         from geod.data_manifests.views import load_pair
 
         try:
-            return row, load_pair(row, self.base_dir)
+            pair = load_pair(row, self.base_dir)
         except GeodError as error:
             return row, _Failure(f"inputs: {error}")
         except Exception as error:  # noqa: BLE001 - a decoder choking on a hostile file must not stop a long run
             return row, _Failure(f"inputs: unexpected {type(error).__name__} while reading: {error}")
+        try:
+            return row, self.teacher.prepare(pair)
+        except Exception:  # noqa: BLE001 - `predict` meets the same problem and reports it, pair by pair
+            return row, pair
 
     def extract(self, block: list, loads: Iterator) -> tuple[dict[str, np.ndarray], list[dict]]:
         """Arrays (zero rows for failed pairs) and index rows of one shard's manifest rows."""
@@ -265,6 +293,15 @@ class _ShardStage:
                     arrays[name][position] = value
                 rows[position] = _index_row(shas.row, shas, None)
 
+        predicting: deque[tuple[list, Future]] = deque()
+
+        def predicted(wait_all: bool) -> None:
+            # batches finish in submission order; at most `in_flight` run at once
+            while predicting and (wait_all or len(predicting) >= self.in_flight):
+                done_batch, future = predicting.popleft()
+                builds.extend(self._submit_builds(done_batch, future.result()))
+                collect(wait=False)
+
         for position in range(len(block)):
             row, loaded = next(loads)
             if isinstance(loaded, _Failure):
@@ -273,11 +310,13 @@ class _ShardStage:
                 continue
             batch.append((position, loaded))
             if len(batch) == self.batch_size:
-                builds.extend(self._predict(batch))
+                predicted(wait_all=False)
+                predicting.append((batch, self.predictor.submit(self._predict_isolating, [p for _, p in batch])))
                 batch = []
-                collect(wait=False)
         if batch:
-            builds.extend(self._predict(batch))
+            predicted(wait_all=False)
+            predicting.append((batch, self.predictor.submit(self._predict_isolating, [p for _, p in batch])))
+        predicted(wait_all=True)
         collect(wait=True)
         return arrays, rows
 
@@ -286,10 +325,9 @@ class _ShardStage:
         self.bar.set_postfix(failed=self.failures, refresh=False)
         return _index_row(row, shas, reason)
 
-    def _predict(self, batch: list[tuple[int, object]]) -> list[tuple[int, _Shas, Future | _Failure]]:
-        pairs = [pair for _, pair in batch]
-        outcomes = self._predict_isolating(pairs)
-        self.bar.update(len(pairs))
+    def _submit_builds(self, batch: list[tuple[int, object]],
+                       outcomes: list) -> list[tuple[int, _Shas, Future | _Failure]]:
+        self.bar.update(len(batch))
         result = []
         for (position, pair), outcome in zip(batch, outcomes, strict=True):
             if not isinstance(outcome, _Failure):

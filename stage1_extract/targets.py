@@ -227,7 +227,9 @@ def downsample_depth(depth: np.ndarray, conf: np.ndarray, out_h: int, out_w: int
             out_conf.reshape(out_h, out_w).astype(np.float32))
 
 
-def _cost_volume(cost: np.ndarray | None, flow: np.ndarray | None, cfg: TargetConfig):
+def _cost_volume(cost: np.ndarray | None, flow: np.ndarray | None, cfg: TargetConfig, top=None):
+    if top is not None and top.index.shape[-1] == cfg.topk:  # reduced by the teacher already
+        return top.index, top.prob, top.valid
     if cost is not None:
         return cost_volume_from_dense(cost, topk=cfg.topk)
     return cost_volume_from_flow(flow, grid_h=cfg.grid_h, grid_w=cfg.grid_w, topk=cfg.topk, sigma=cfg.cv_sigma)
@@ -248,7 +250,8 @@ def build_targets(pred: TeacherPrediction, cfg: TargetConfig, pair_id: str) -> d
         out[f"depth_{view}"][...] = np.minimum(depth, _FLOAT16_MAX)
         out[f"depth_conf_{view}"][...] = np.minimum(conf, _FLOAT16_MAX)
     for direction in ("ab", "ba"):
-        index, prob, valid = _cost_volume(getattr(pred, f"cost_{direction}"), getattr(pred, f"flow_{direction}"), cfg)
+        index, prob, valid = _cost_volume(getattr(pred, f"cost_{direction}"), getattr(pred, f"flow_{direction}"), cfg,
+                                          getattr(pred, f"cost_{direction}_topk"))
         out[f"cv_{direction}_index"][...] = index
         out[f"cv_{direction}_prob"][...] = prob
         out[f"cv_{direction}_valid"][...] = valid

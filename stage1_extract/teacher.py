@@ -41,6 +41,16 @@ class Matches:
     conf: np.ndarray
 
 
+@dataclass
+class CostTopK:
+    """Quantised top-k of [P, P] probability rows, as `cost_volume.topk_quantize` defines it: index uint16
+    [P, k], prob uint16 [P, k] (floor(p * PROB_SCALE), decreasing), valid bool [P]."""
+
+    index: np.ndarray
+    prob: np.ndarray
+    valid: np.ndarray
+
+
 @dataclass(kw_only=True)
 class TeacherPrediction:
     """Dense outputs of a teacher for ONE pair, at the teacher's working resolution.
@@ -57,6 +67,9 @@ class TeacherPrediction:
               when absent the target builder derives the cost volume from the flow. A teacher that gives
               them names its grid as config()["cost_grid"] = [grid_h, grid_w], which the runner checks
               against the dataset layout before starting.
+    cost_ab_topk, cost_ba_topk: optional `CostTopK` of cost_ab / cost_ba already reduced to the format's
+              quantised top-k (a teacher computing it on its device spares the host that work); the
+              builder uses it when its k equals the layout's topk, the dense rows otherwise.
     A and B may have different resolutions.
     """
 
@@ -71,6 +84,8 @@ class TeacherPrediction:
     matches: Matches | None = None
     cost_ab: np.ndarray | None = None
     cost_ba: np.ndarray | None = None
+    cost_ab_topk: CostTopK | None = None
+    cost_ba_topk: CostTopK | None = None
 
     def check(self, n_patches: int | None = None) -> None:
         """Raise TeacherError naming the first field whose shape or dtype breaks the contract."""
@@ -97,11 +112,19 @@ class TeacherPrediction:
                 _expect(name, cost, shape=(n_patches, n_patches))
             if cost is None and flow is None:
                 raise TeacherError(f"teacher prediction has neither {name} nor the flow to derive it from")
+            top = getattr(self, f"{name}_topk")
+            if top is not None:
+                rows = n_patches if n_patches is not None else len(top.valid)
+                for part, kind, shape in (("valid", "b", (rows,)), ("index", "u", (rows, top.index.shape[-1])),
+                                          ("prob", "u", top.index.shape)):
+                    _expect(f"{name}_topk.{part}", getattr(top, part), shape=shape, kind=kind)
 
 
-def _expect(name: str, array: np.ndarray, *, ndim: int | None = None, shape: tuple | None = None) -> None:
-    if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
-        raise TeacherError(f"teacher output {name!r} must be a float numpy array, got {type(array).__name__}"
+def _expect(name: str, array: np.ndarray, *, ndim: int | None = None, shape: tuple | None = None,
+            kind: str = "f") -> None:
+    if not isinstance(array, np.ndarray) or array.dtype.kind != kind:
+        what = {"f": "float", "u": "unsigned integer", "b": "bool"}[kind]
+        raise TeacherError(f"teacher output {name!r} must be a {what} numpy array, got {type(array).__name__}"
                            f"{'' if not isinstance(array, np.ndarray) else ' of ' + str(array.dtype)}")
     if ndim is not None and array.ndim != ndim:
         raise TeacherError(f"teacher output {name!r} must have {ndim} dimensions, got shape {array.shape}")
@@ -126,6 +149,16 @@ class Teacher(ABC):
     @abstractmethod
     def preprocessing(self) -> dict:
         """How the teacher turns source images into its input (resolution, normalisation), for the card."""
+
+    # True when `predict` may be called from two threads at once (the runner then overlaps one batch's
+    # host-side work with the next batch's device work); results must not depend on the interleaving.
+    concurrent_predict: bool = False
+
+    def prepare(self, pair: PairData) -> PairData:
+        """Per-pair input work that needs no model (e.g. resizing to the working resolution). The runner
+        calls it in its loader threads, off the thread that drives the model; `predict` must give the
+        same result for a prepared and an unprepared pair. Default: the pair unchanged."""
+        return pair
 
     @abstractmethod
     def predict(self, pairs: list[PairData]) -> list[TeacherPrediction]:

@@ -150,3 +150,25 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="conf_quantile"):
         MatchConfig(conf_quantile=1.0)
     assert MatchConfig(stride=8).offset == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel runs on CUDA")
+def test_fused_kernel_equals_the_blocked_products():
+    pytest.importorskip("triton")
+    rng = np.random.default_rng(13)
+    base = unit(rng, 3, 40, 56, 24)
+    desc_a = torch.from_numpy(base).cuda()
+    desc_b = torch.from_numpy(np.roll(base, 3, axis=2) + 0.05 * unit(rng, 3, 40, 56, 24)).cuda()
+    desc_b = desc_b / desc_b.norm(dim=-1, keepdim=True)
+    desc_b[:, 5, 7] = desc_b[:, 5, 9]  # exact ties: the first index must win
+    for stride in (1, 4):
+        cfg = dict(stride=stride, border=0, conf_quantile=0.0)
+        fused = reciprocal_matches(desc_a, desc_b, cfg=MatchConfig(kernel="triton", **cfg))
+        plain = reciprocal_matches(desc_a, desc_b, cfg=MatchConfig(kernel="torch", **cfg))
+        for f, p in zip(fused, plain):
+            assert torch.equal(f.idx_a, p.idx_a) and torch.equal(f.idx_b, p.idx_b)
+
+
+def test_kernel_option_is_validated():
+    with pytest.raises(ConfigError, match="kernel"):
+        MatchConfig(kernel="cuda")

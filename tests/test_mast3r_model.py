@@ -172,3 +172,24 @@ def test_bad_inputs_are_named(tiny):
         tiny(images(1, 32, 48, 0), torch.zeros(1, 32, 48))
     with pytest.raises(TeacherError, match="temperature"):
         tiny(images(1, 32, 48, 0), images(1, 32, 48, 0), cost_temperature=0.0)
+
+
+@pytest.mark.parametrize("size_b", [(32, 48), (48, 32)])
+def test_teacher_forward_equals_the_symmetric_forward(tiny64, size_b):
+    a, b = images(2, 32, 48, 12, torch.float64), images(2, *size_b, 13, torch.float64)
+    first, second = tiny64.forward_symmetric(a, b, cost_temperature=0.7)
+    ab, own_pts_b, own_conf_b = tiny64.forward_teacher(a, b, cost_temperature=0.7)
+    assert_same(first, ab, ("pts3d_a", "pts3d_b", "conf_a", "conf_b", "desc_a", "desc_b", "desc_conf_a",
+                            "desc_conf_b", "cost_ab", "cost_ba"))
+    assert torch.equal(own_pts_b, second.pts3d_a) and torch.equal(own_conf_b, second.conf_a)
+
+
+def test_bf16_heads_stay_close_and_return_float32(tiny):
+    a, b = images(2, 32, 48, 14), images(2, 32, 48, 15)
+    ref = tiny(a, b, cost_temperature=1.0)
+    fast = tiny(a, b, cost_temperature=1.0, amp_dtype=torch.bfloat16, head_precision="bf16")
+    assert fast.pts3d_a.dtype == torch.float32 and fast.desc_a.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(fast.desc_a, ref.desc_a, dim=-1)
+    assert cos.mean() > 0.99
+    with pytest.raises(TeacherError, match="head_precision"):
+        tiny(a, b, head_precision="fp8")

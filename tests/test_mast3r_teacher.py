@@ -53,6 +53,7 @@ def test_predictions_follow_the_contract(teacher):
         np.testing.assert_allclose(pred.cost_ba.sum(axis=1), 1.0, atol=1e-5)
     assert teacher.identity() == {"id": "random:tiny:seed0", "sha256": None}
     assert teacher.config()["match"]["stride"] == 4 and teacher.config()["precision"] == "fp32"
+    assert teacher.config()["head_precision"] == "fp32"  # "auto" off CUDA
 
 
 def test_batching_and_grouping_do_not_change_results(teacher):
@@ -63,6 +64,16 @@ def test_batching_and_grouping_do_not_change_results(teacher):
         for name in ("depth_a", "depth_b", "points_b", "cost_ab"):
             np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(a.matches.xy_a, b.matches.xy_a)
+
+
+def test_prepared_pairs_give_the_same_predictions(teacher):
+    pairs = make_pairs([((90, 120), (60, 80)), ((60, 80), (80, 60))], seed=3)
+    prepared = [teacher.prepare(pair) for pair in pairs]
+    assert prepared[0].view_a.image.shape == (48, 64, 3) and pairs[0].view_a.image.shape == (90, 120, 3)
+    for a, b in zip(teacher.predict(pairs), teacher.predict(prepared)):
+        for name in ("depth_a", "depth_b", "conf_b", "points_b", "cost_ab", "cost_ba"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        np.testing.assert_array_equal(a.matches.xy_b, b.matches.xy_b)
 
 
 def test_targets_build_from_the_prediction(teacher):
@@ -98,3 +109,34 @@ def test_working_size_and_options():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
             Mast3rTeacher(weights="random", size="tiny", device="cuda")
+
+
+def test_device_topk_equals_the_builders_topk():
+    from geod.stage1_extract.cost_volume import topk_quantize
+    from geod.stage1_extract.mast3r.teacher import topk_quantize_torch
+
+    rng = np.random.default_rng(4)
+    rows = rng.uniform(0, 1, (2, 20, 20)) ** 4
+    rows[0, 3] = 0.0                      # no mass: invalid
+    rows[1, 5, 2] = -1e-3                 # negative: invalid
+    rows[1, 7] = 1.0                      # all tied: lowest indices first
+    rows = rows.astype(np.float32)
+    index, prob, valid = (t.numpy() for t in topk_quantize_torch(torch.from_numpy(rows), 6))
+    for b in range(2):
+        want = topk_quantize(rows[b], 6)
+        np.testing.assert_array_equal(index[b], want[0])
+        np.testing.assert_array_equal(prob[b], want[1])
+        np.testing.assert_array_equal(valid[b], want[2])
+
+
+def test_teacher_topk_gives_the_same_targets_as_the_dense_rows(teacher):
+    (pred,) = teacher.predict(make_pairs([((60, 80), (60, 80))], seed=5))
+    assert pred.cost_ab_topk is None  # k 32 > 12 patches of the tiny grid: not computed
+    small = Mast3rTeacher(**OPTIONS, cost_topk=4)
+    (pred,) = small.predict(make_pairs([((60, 80), (60, 80))], seed=5))
+    cfg = TargetConfig(max_matches=16, grid_h=3, grid_w=4, topk=4, depth_h=6, depth_w=8)
+    with_top = build_targets(pred, cfg, "pair-0")
+    pred.cost_ab_topk = pred.cost_ba_topk = None
+    dense = build_targets(pred, cfg, "pair-0")
+    for name in with_top:
+        np.testing.assert_array_equal(with_top[name], dense[name])

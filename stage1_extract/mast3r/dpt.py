@@ -81,6 +81,16 @@ class DPTHead(nn.Module):
 
     def forward(self, tokens: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
         """tokens: the 4 hooked token maps [B, N, C_i] (N = grid_h * grid_w, row-major) -> [B, ch, H, W]."""
+        # Some CUDA kernels (channels-last bilinear upsampling) index with 32-bit integers: split batches
+        # whose largest map, [B, features / 2, H, W] at full resolution, would pass 2^31 elements.
+        per_pair = self.head[0].out_channels * grid[0] * grid[1] * 16 ** 2
+        step = max(1, (2 ** 31 - 1) // per_pair)
+        if len(tokens[0]) > step:
+            return torch.cat([self._forward([t[i:i + step] for t in tokens], grid)
+                              for i in range(0, len(tokens[0]), step)])
+        return self._forward(tokens, grid)
+
+    def _forward(self, tokens: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
         grid_h, grid_w = grid
         scratch = self.scratch
         maps = []

@@ -11,8 +11,10 @@ Semantics (MASt3R's fast reciprocal NN, as the method uses it):
   EITHER image (the intersection of both tests: the reference code's union kept matches failing one).
   The quantile is the sorted map's element at index floor(q * n), as in the reference.
 
-Nearest neighbours are exact: full float32 products (TF32 is switched off around them) in blocks whose
-size is bounded by `block_elems`, so memory stays flat whatever the image size.
+Nearest neighbours are exact: full float32 products (TF32 is switched off around them). On CUDA a fused
+Triton kernel (`nn_triton`) screens with float16 tensor-core products and re-checks the few candidates
+that can win in float32, never storing a similarity row; elsewhere (and for float64) the products are
+formed in blocks whose size is bounded by `block_elems`, so memory stays flat whatever the image size.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class MatchConfig:
     max_iter: int = 10
     border: int = 3                 # pixels
     conf_quantile: float = 0.10     # 0 disables the confidence test
-    block_elems: int = 1 << 26      # similarity entries per block (x4 bytes)
+    block_elems: int = 1 << 26      # similarity entries per block (x4 bytes), blocked torch path
+    kernel: str = "auto"            # "auto": fused Triton kernel on CUDA for float32, else "torch"
 
     def __post_init__(self) -> None:
         if self.stride < 1:
@@ -43,6 +46,8 @@ class MatchConfig:
             raise ConfigError(f"MatchConfig.offset must be >= 0, got {self.offset}")
         if self.max_iter < 1 or self.border < 0 or self.block_elems < 1:
             raise ConfigError("MatchConfig: max_iter >= 1, border >= 0 and block_elems >= 1 required")
+        if self.kernel not in ("auto", "torch", "triton"):
+            raise ConfigError(f"MatchConfig.kernel must be auto, torch or triton, got {self.kernel!r}")
         if not 0.0 <= self.conf_quantile < 1.0:
             raise ConfigError(f"MatchConfig.conf_quantile must be in [0, 1), got {self.conf_quantile}")
 
@@ -79,7 +84,8 @@ def reciprocal_matches(desc_a: torch.Tensor, desc_b: torch.Tensor, conf_a: torch
     xs = torch.arange(min(cfg.offset, wa), wa, cfg.stride, device=device)
     seeds = (ys[:, None] * wa + xs[None, :]).reshape(-1)
     with tf32(device, enabled=False):  # exact products: TF32 could swap close neighbours
-        idx_a, idx_b, ok = _iterate(feats_a, feats_b, seeds.expand(batch, -1).clone(), cfg)
+        search_b, search_a = _searchers(feats_a, feats_b, cfg)
+        idx_a, idx_b, ok = _iterate(feats_a, feats_b, seeds.expand(batch, -1).clone(), cfg, search_b, search_a)
     ok &= _inside(idx_a, ha, wa, cfg.border) & _inside(idx_b, hb, wb, cfg.border)
     if cfg.conf_quantile > 0:
         for conf, idx, name in ((conf_a, idx_a, "conf_a"), (conf_b, idx_b, "conf_b")):
@@ -88,15 +94,32 @@ def reciprocal_matches(desc_a: torch.Tensor, desc_b: torch.Tensor, conf_a: torch
     return _collect(idx_a, idx_b, ok, ha * wa, hb * wb, wa, wb)
 
 
-def _iterate(feats_a, feats_b, xy1, cfg: MatchConfig):
+def _searchers(feats_a, feats_b, cfg: MatchConfig):
+    """(nearest-in-B, nearest-in-A) functions of queries [B, S, D] -> indices [B, S]."""
+    use_triton = cfg.kernel == "triton"
+    if cfg.kernel == "auto" and feats_a.dtype == torch.float32 and feats_a.device.type == "cuda":
+        # float16 screening needs values far from its range limit (descriptors are unit vectors)
+        use_triton = bool(torch.isfinite(feats_a).all() & torch.isfinite(feats_b).all()) and \
+            max(float(feats_a.abs().max()), float(feats_b.abs().max())) < 1e3
+    if use_triton:
+        if feats_a.dtype != torch.float32:
+            raise TeacherError("MatchConfig.kernel 'triton' needs float32 descriptors")
+        from geod.stage1_extract.mast3r.nn_triton import TritonNN  # noqa: PLC0415 - needs triton (CUDA)
+
+        in_b, in_a = TritonNN(feats_b), TritonNN(feats_a)
+        return in_b.argmax, in_a.argmax
+    return (lambda q: _argmax_dot(q, feats_b, cfg.block_elems)), (lambda q: _argmax_dot(q, feats_a, cfg.block_elems))
+
+
+def _iterate(feats_a, feats_b, xy1, cfg: MatchConfig, search_b, search_a):
     """The seeded A -> B -> A iteration, all pairs at once. Returns (idx_a, idx_b, converged) [B, S]."""
     xy2 = torch.full_like(xy1, -1)
     old1, old2 = xy1.clone(), xy2.clone()
     notyet = torch.ones_like(xy1, dtype=torch.bool)
     for step in range(cfg.max_iter):
-        xy2 = torch.where(notyet, _nn_of(feats_a, xy1, feats_b, notyet, cfg.block_elems), xy2)
+        xy2 = torch.where(notyet, _nn_of(feats_a, xy1, search_b, notyet), xy2)
         notyet &= old2 != xy2
-        xy1 = torch.where(notyet, _nn_of(feats_b, xy2, feats_a, notyet, cfg.block_elems), xy1)
+        xy1 = torch.where(notyet, _nn_of(feats_b, xy2, search_a, notyet), xy1)
         notyet &= old1 != xy1
         if step + 1 >= cfg.max_iter or not bool(notyet.any()):
             break
@@ -104,11 +127,10 @@ def _iterate(feats_a, feats_b, xy1, cfg: MatchConfig):
     return xy1, xy2, ~notyet
 
 
-def _nn_of(src: torch.Tensor, src_idx: torch.Tensor, db: torch.Tensor, active: torch.Tensor,
-           block_elems: int) -> torch.Tensor:
-    """Nearest neighbour in db [B, N, D] of src[b, src_idx[b, s]] for the active entries [B, S]; inactive
-    entries get an arbitrary value. Active entries are packed to the front so that a late round, where few
-    chains remain, costs little."""
+def _nn_of(src: torch.Tensor, src_idx: torch.Tensor, search, active: torch.Tensor) -> torch.Tensor:
+    """Nearest neighbour (`search`: queries -> database indices) of src[b, src_idx[b, s]] for the active
+    entries [B, S]; inactive entries get an arbitrary value. Active entries are packed to the front so that
+    a late round, where few chains remain, costs little."""
     batch, n_seeds = src_idx.shape
     count = int(active.sum(dim=1).max())
     out = torch.zeros_like(src_idx)
@@ -117,7 +139,7 @@ def _nn_of(src: torch.Tensor, src_idx: torch.Tensor, db: torch.Tensor, active: t
     order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :count]
     query_idx = src_idx.gather(1, order).clamp(min=0)
     queries = src.gather(1, query_idx[..., None].expand(-1, -1, src.shape[2]))
-    return out.scatter_(1, order, _argmax_dot(queries, db, block_elems))
+    return out.scatter_(1, order, search(queries))
 
 
 def _argmax_dot(queries: torch.Tensor, db: torch.Tensor, block_elems: int) -> torch.Tensor:

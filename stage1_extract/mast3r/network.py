@@ -6,7 +6,14 @@ Precision: `amp_dtype=torch.bfloat16` runs the encoder and decoder under autocas
 parity checks), as the official code runs its heads with autocast disabled. `head_tf32=True` lets the
 heads' float32 products and convolutions use TF32 on CUDA, which is what the official code does there
 (its import switches TF32 on for matrix products; cuDNN convolutions use it by default); the default,
-False, keeps them exact.
+False, keeps them exact. `head_precision="bf16"` runs the heads under bfloat16 autocast instead (their
+activations and the descriptor normalisation stay float32): the fastest; "mixed" runs only the descriptor
+MLP in bfloat16 and the DPT (points, depth) in TF32. Each is checked against float32 by
+benchmarks/bench_mast3r.py.
+
+`forward_teacher` is what the teacher needs of a symmetric pass: the (A, B) outputs plus B's points in its
+own frame, without the parts of the (B, A) pass nobody reads (its cost volume, its second head, its
+descriptors). `compile_blocks` and `heads_channels_last` are optional speed-ups for CUDA.
 """
 
 from __future__ import annotations
@@ -20,9 +27,12 @@ from torch import nn
 
 from geod.pipeline.errors import TeacherError
 from geod.stage1_extract.mast3r.config import Mast3rConfig
-from geod.stage1_extract.mast3r.heads import Mast3rHead
+from geod.stage1_extract.mast3r.heads import Mast3rHead, postprocess, postprocess_points
 from geod.stage1_extract.mast3r.layers import ATTENTION_IMPLS, DecoderBlock, EncoderBlock, Rope
 from geod.stage1_extract.mast3r.precision import tf32
+
+HEAD_PRECISIONS = ("fp32", "tf32", "mixed", "bf16")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -119,9 +129,11 @@ class Mast3rNet(nn.Module):
             return feats[: len(img_a)], feats[len(img_a):]
         return self.encode(img_a, grid_a), self.encode(img_b, grid_b)
 
-    def decode(self, feat_a, feat_b, grid_a, grid_b, cost_temperature: float | None):
+    def decode(self, feat_a, feat_b, grid_a, grid_b, cost_temperature: float | None,
+               cost_rows: int | None = None):
         """Run both decoders. Returns the hooked tokens of each view ([encoder output] + decoder layers of
-        cfg.dpt_hooks[1:], the last one normalised) and the cost volumes (or None, None)."""
+        cfg.dpt_hooks[1:], the last one normalised) and the cost volumes (or None, None) of the first
+        `cost_rows` pairs of the batch (all when None)."""
         cfg = self.cfg
         hooks = set(cfg.dpt_hooks[1:])
         rope_a = self._rope(grid_a, cfg.dec_embed_dim, cfg.dec_num_heads, feat_a)
@@ -133,7 +145,8 @@ class Mast3rNet(nn.Module):
             new_a, q_a, k_b = block_a(x_a, x_b, rope_a, rope_b, self.attn_impl)
             new_b, q_b, k_a = block_b(x_b, x_a, rope_b, rope_a, self.attn_impl)
             if cost is not None:
-                cost.add(q_a, k_b, q_b, k_a)
+                rows = slice(None, cost_rows)
+                cost.add(q_a[rows], k_b[rows], q_b[rows], k_a[rows])
             del q_a, k_b, q_b, k_a
             x_a, x_b = new_a, new_b
             if layer in hooks:
@@ -144,12 +157,14 @@ class Mast3rNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, img_a: torch.Tensor, img_b: torch.Tensor, *, cost_temperature: float | None = None,
-                amp_dtype: torch.dtype | None = None, head_tf32: bool = False) -> Mast3rOutput:
+                amp_dtype: torch.dtype | None = None, head_tf32: bool = False,
+                head_precision: str | None = None) -> Mast3rOutput:
         """Predict a batch of pairs. img_a [B,3,Ha,Wa], img_b [B,3,Hb,Wb]: normalised with cfg.image_mean/std,
         sides multiples of 16, in their true orientation (portrait images need no transposing).
         cost_temperature: compute the cross-attention cost volumes with this softmax temperature.
         amp_dtype: e.g. torch.bfloat16 to run encoder and decoder under autocast (heads stay float32).
-        head_tf32: allow TF32 in the float32 heads on CUDA (see the module docstring)."""
+        head_tf32: allow TF32 in the float32 heads on CUDA (see the module docstring).
+        head_precision: "fp32", "tf32" or "bf16" (overrides head_tf32 when given)."""
         grid_a, grid_b = self._grid(img_a, "img_a"), self._grid(img_b, "img_b")
         if len(img_a) != len(img_b):
             raise TeacherError(f"img_a and img_b hold {len(img_a)} and {len(img_b)} images")
@@ -157,12 +172,13 @@ class Mast3rNet(nn.Module):
             feat_a, feat_b = self._encode_pair(img_a, img_b, grid_a, grid_b)
             hooked_a, hooked_b, (cost_ab, cost_ba) = self.decode(feat_a, feat_b, grid_a, grid_b,
                                                                  cost_temperature)
-        return self._heads(hooked_a, hooked_b, grid_a, grid_b, cost_ab, cost_ba, head_tf32)
+        return self._heads(hooked_a, hooked_b, grid_a, grid_b, cost_ab, cost_ba,
+                           _head_precision(head_precision, head_tf32))
 
     def forward_symmetric(self, img_a: torch.Tensor, img_b: torch.Tensor, *,
                           cost_temperature: float | None = None,
-                          amp_dtype: torch.dtype | None = None,
-                          head_tf32: bool = False) -> tuple[Mast3rOutput, Mast3rOutput]:
+                          amp_dtype: torch.dtype | None = None, head_tf32: bool = False,
+                          head_precision: str | None = None) -> tuple[Mast3rOutput, Mast3rOutput]:
         """Predict (A, B) and (B, A) with one encoding of each image: the second output gives B's points in
         B's own frame (its depth), which an (A, B) pass alone cannot. Arguments as for `forward`."""
         grid_a, grid_b = self._grid(img_a, "img_a"), self._grid(img_b, "img_b")
@@ -184,8 +200,47 @@ class Mast3rNet(nn.Module):
                 ba = self.decode(feat_b, feat_a, grid_b, grid_a, cost_temperature)
                 split = [(ab[0], ab[1]), (ba[0], ba[1])]
                 costs = [ab[2], ba[2]]
-        return (self._heads(*split[0], grid_a, grid_b, *costs[0], head_tf32),
-                self._heads(*split[1], grid_b, grid_a, *costs[1], head_tf32))
+        precision = _head_precision(head_precision, head_tf32)
+        return (self._heads(*split[0], grid_a, grid_b, *costs[0], precision),
+                self._heads(*split[1], grid_b, grid_a, *costs[1], precision))
+
+    def forward_teacher(self, img_a: torch.Tensor, img_b: torch.Tensor, *, cost_temperature: float | None = None,
+                        amp_dtype: torch.dtype | None = None,
+                        head_precision: str = "fp32") -> tuple[Mast3rOutput, torch.Tensor, torch.Tensor]:
+        """The (A, B) output of `forward_symmetric` plus, of its (B, A) output, only pts3d_a and conf_a
+        (B's points in B's own frame and their confidence): equal to those, with less work, since the
+        (B, A) pass skips its cost volume, its second head and its descriptor branch."""
+        grid_a, grid_b = self._grid(img_a, "img_a"), self._grid(img_b, "img_b")
+        n = len(img_a)
+        if len(img_b) != n:
+            raise TeacherError(f"img_a and img_b hold {n} and {len(img_b)} images")
+        _head_precision(head_precision, False)
+        with self._autocast(img_a, amp_dtype):
+            feat_a, feat_b = self._encode_pair(img_a, img_b, grid_a, grid_b)
+            if grid_a == grid_b:  # both directions in one decoder batch; view 1 of it = [A of AB; B of BA]
+                first, second, (cost_ab, cost_ba) = self.decode(torch.cat((feat_a, feat_b)),
+                                                                torch.cat((feat_b, feat_a)), grid_a, grid_a,
+                                                                cost_temperature, cost_rows=n)
+                ab_a, ab_b = [t[:n] for t in first], [t[:n] for t in second]
+            else:
+                ab_a, ab_b, (cost_ab, cost_ba) = self.decode(feat_a, feat_b, grid_a, grid_b, cost_temperature)
+                ba_b = self.decode(feat_b, feat_a, grid_b, grid_a, None)[0]
+        head1, head2, cfg = self.downstream_head1, self.downstream_head2, self.cfg
+        with self._head_context(head_precision, first[0] if grid_a == grid_b else ab_a[0]) as cast:
+            if grid_a == grid_b:
+                dense1 = head1.dpt(cast(first), grid_a)
+                dense_a, dense_own_b = dense1[:n], dense1[n:]
+            else:
+                dense_a, dense_own_b = head1.dpt(cast(ab_a), grid_a), head1.dpt(cast(ba_b), grid_b)
+            out_a = postprocess(dense_a, self._local(head1, cast(ab_a), grid_a, head_precision), cfg)
+            out_b = postprocess(head2.dpt(cast(ab_b), grid_b), self._local(head2, cast(ab_b), grid_b, head_precision),
+                                cfg)
+            own_pts_b, own_conf_b = postprocess_points(dense_own_b, cfg)
+        ab = Mast3rOutput(pts3d_a=out_a["pts3d"], pts3d_b=out_b["pts3d"], conf_a=out_a["conf"],
+                          conf_b=out_b["conf"], desc_a=out_a["desc"], desc_b=out_b["desc"],
+                          desc_conf_a=out_a["desc_conf"], desc_conf_b=out_b["desc_conf"],
+                          cost_ab=cost_ab, cost_ba=cost_ba, grid_a=grid_a, grid_b=grid_b)
+        return ab, own_pts_b, own_conf_b
 
     @staticmethod
     def _autocast(ref: torch.Tensor, amp_dtype: torch.dtype | None):
@@ -193,16 +248,73 @@ class Mast3rNet(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device_type=ref.device.type, dtype=amp_dtype)
 
-    def _heads(self, hooked_a, hooked_b, grid_a, grid_b, cost_ab, cost_ba, head_tf32: bool) -> Mast3rOutput:
+    @contextlib.contextmanager
+    def _head_context(self, precision: str, ref: torch.Tensor):
+        """Precision scope of the heads; yields the function that prepares their input token lists."""
+        device = ref.device
+        if precision == "bf16":
+            # autocast casts at each product; tokens pass unchanged (some are float32, some bfloat16)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16), tf32(device, True):
+                yield list
+            return
         head_dtype = self.downstream_head1.dpt.head[0].weight.dtype
-        device = hooked_a[0].device
-        with torch.autocast(device_type=device.type, enabled=False), tf32(device, head_tf32):
-            out_a = self.downstream_head1([t.to(head_dtype) for t in hooked_a], grid_a)
-            out_b = self.downstream_head2([t.to(head_dtype) for t in hooked_b], grid_b)
+        with torch.autocast(device_type=device.type, enabled=False), tf32(device, precision in ("tf32", "mixed")):
+            yield lambda tokens: [t.to(head_dtype) for t in tokens]
+
+    @staticmethod
+    def _local(head: Mast3rHead, tokens, grid, precision: str) -> torch.Tensor:
+        """The descriptor branch; under bfloat16 autocast for "mixed" (inside `_head_context`)."""
+        if precision != "mixed":
+            return head.local_raw(tokens, grid)
+        with torch.autocast(device_type=tokens[0].device.type, dtype=torch.bfloat16):
+            return head.local_raw(tokens, grid)
+
+    def _heads(self, hooked_a, hooked_b, grid_a, grid_b, cost_ab, cost_ba, precision: str) -> Mast3rOutput:
+        with self._head_context(precision, hooked_a[0]) as cast:
+            outs = [postprocess(head.dpt(cast(hooked), grid), self._local(head, cast(hooked), grid, precision),
+                                self.cfg)
+                    for head, hooked, grid in ((self.downstream_head1, hooked_a, grid_a),
+                                               (self.downstream_head2, hooked_b, grid_b))]
+        out_a, out_b = outs
         return Mast3rOutput(pts3d_a=out_a["pts3d"], pts3d_b=out_b["pts3d"], conf_a=out_a["conf"],
                             conf_b=out_b["conf"], desc_a=out_a["desc"], desc_b=out_b["desc"],
                             desc_conf_a=out_a["desc_conf"], desc_conf_b=out_b["desc_conf"],
                             cost_ab=cost_ab, cost_ba=cost_ba, grid_a=grid_a, grid_b=grid_b)
+
+
+def _head_precision(precision: str | None, head_tf32: bool) -> str:
+    if precision is None:
+        return "tf32" if head_tf32 else "fp32"
+    if precision not in HEAD_PRECISIONS:
+        raise TeacherError(f"head_precision must be one of {HEAD_PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def compile_blocks(model: Mast3rNet, mode: str = "default", *, heads: bool = False) -> Mast3rNet:
+    """torch.compile every encoder and decoder block (and with `heads`, the DPT heads) in place. Blocks of
+    one kind share their compiled code, so the cost is one compilation per kind and input shape; LayerNorm,
+    RoPE, GELU and residual additions fuse around the matrix products. Outputs equal the eager ones up to
+    floating-point reassociation."""
+    if mode not in COMPILE_MODES:
+        raise TeacherError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    import torch._dynamo  # noqa: PLC0415
+
+    # 24 + 2 x 12 block instances of two classes, each a few shapes: leave room in the compile cache
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in (*model.enc_blocks, *model.dec_blocks, *model.dec_blocks2):
+        block.compile(mode=mode, dynamic=False)
+    if heads:
+        for head in (model.downstream_head1, model.downstream_head2):
+            head.dpt.compile(mode=mode, dynamic=False)
+    return model
+
+
+def heads_channels_last(model: Mast3rNet) -> Mast3rNet:
+    """Store the DPT heads' convolution weights channels-last (the token maps entering them already are),
+    so cuDNN runs NHWC kernels without layout conversions. Values, names and shapes are unchanged."""
+    for head in (model.downstream_head1, model.downstream_head2):
+        head.dpt.to(memory_format=torch.channels_last)
+    return model
 
 
 def _slice(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:

@@ -38,11 +38,18 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((w, h), resample))
 
 
-def to_network_input(images: list[np.ndarray], mean, std):
-    """Same-size uint8 images -> float32 tensor [B, 3, h, w] normalised as (x / 255 - mean) / std."""
+def to_network_input(images: list[np.ndarray], mean, std, device=None):
+    """Same-size uint8 images -> float32 tensor [B, 3, h, w] normalised as (x / 255 - mean) / std, on
+    `device` (default CPU). The uint8 pixels travel (through pinned memory on CUDA) and are normalised
+    there: the same correctly rounded operations in the same order, so the same values on every device."""
     import torch  # noqa: PLC0415
 
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    batch = torch.from_numpy(np.stack(images))
+    if device is not None and torch.device(device).type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    elif device is not None:
+        batch = batch.to(device)
+    batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
     return (batch - mean_t) / std_t

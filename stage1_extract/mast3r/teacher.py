@@ -1,8 +1,13 @@
 """`Mast3rTeacher`: MASt3R behind the `geod.stage1_extract.teacher.Teacher` contract.
 
 Per pair it runs the network on (A, B) and (B, A) with one encoding of each image (B's depth needs B's
-points in B's own frame, which only the swapped pass gives), matches A's and B's descriptors with the
-exact reciprocal-NN matcher, and resamples the decoder cross-attention cost volume onto the dataset grid.
+points in B's own frame, which only the swapped pass gives; of that pass only those points are computed,
+see `Mast3rNet.forward_teacher`), matches A's and B's descriptors with the exact reciprocal-NN matcher,
+and resamples the decoder cross-attention cost volume onto the dataset grid.
+
+Throughput: `prepare` resizes in the caller's loader threads; `predict` may run in two threads at once
+(the device work of one batch is serialised under a lock, so results are those of a serial run, while the
+other batch's device-to-host copy and host-side packing proceed).
 
 Prediction fields (working resolution = the network input of each view, see `preprocess`):
 - points_a / points_b: pts3d and pts3d_in_other_view of the (A, B) pass (both in A's frame);
@@ -22,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from geod.pipeline.errors import ConfigError, TeacherError
-from geod.stage1_extract.teacher import Matches, Teacher, TeacherPrediction
+from geod.stage1_extract.teacher import CostTopK, Matches, Teacher, TeacherPrediction
 
 if TYPE_CHECKING:
     from geod.data_manifests.views import PairData
@@ -35,7 +40,15 @@ class Mast3rTeacherConfig:
     """weights: a .safetensors/.pth file, a directory, a hub id, or "random" (seeded random weights of
     `size` "full" or "tiny": tests and benchmarks). precision "auto" = bf16 autocast on CUDA, fp32 on CPU.
     tf32_heads: let the float32 heads use TF32 on CUDA (as the official code does there; 2x faster).
-    cost_grid: the dataset's cost-volume grid (rows, cols), i.e. the layout's (grid_h, grid_w)."""
+    head_precision: "auto" (on CUDA "mixed" when tf32_heads, else "fp32"; "fp32" elsewhere), "fp32", "tf32",
+    "mixed" (descriptor MLP in bf16, DPT in TF32) or "bf16" (both heads under bf16 autocast; activations
+    stay float32; fastest, but the furthest from float32 in depth).
+    compile: "auto" (= "default" on CUDA), "none" or a torch.compile mode for the encoder/decoder blocks
+    (CUDA only; the first batch of each input size pays the compilation, about 15 s).
+    cost_grid: the dataset's cost-volume grid (rows, cols), i.e. the layout's (grid_h, grid_w).
+    cost_topk: also reduce the cost volume to its quantised top-k on the device (the layout's topk; the
+    target builder falls back to the dense rows when they differ); None, or more than the grid's patches
+    (no such layout exists) = dense rows only."""
 
     weights: str
     size: str = "full"
@@ -45,10 +58,13 @@ class Mast3rTeacherConfig:
     precision: str = "auto"
     attn_impl: str = "sdpa"
     tf32_heads: bool = True
+    head_precision: str = "auto"
+    compile: str = "auto"
     long_side: int = 512
     batch_size: int = 8
     cost_grid: tuple[int, int] = (24, 32)
     cost_temperature: float = 1.0
+    cost_topk: int | None = 32
     match_stride: int = 16
     match_offset: int | None = None
     match_border: int = 3
@@ -62,11 +78,19 @@ class Mast3rTeacherConfig:
             raise ConfigError(f"mast3r teacher: size must be 'full' or 'tiny', got {self.size!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"mast3r teacher: precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.head_precision not in ("auto", "fp32", "tf32", "mixed", "bf16"):
+            raise ConfigError(f"mast3r teacher: head_precision must be auto, fp32, tf32, mixed or bf16, got "
+                              f"{self.head_precision!r}")
+        if self.compile not in ("auto", "none", "default", "max-autotune-no-cudagraphs", "max-autotune"):
+            raise ConfigError(f"mast3r teacher: compile must be auto, none, default, max-autotune-no-cudagraphs "
+                              f"or max-autotune, got {self.compile!r}")
         if self.long_side < 16 or self.long_side % 16 or self.batch_size < 1:
             raise ConfigError("mast3r teacher: long_side must be a multiple of 16 and batch_size >= 1")
         self.cost_grid = tuple(int(v) for v in self.cost_grid)
         if len(self.cost_grid) != 2 or min(self.cost_grid) < 1:
             raise ConfigError(f"mast3r teacher: cost_grid must be (rows, cols) >= 1, got {self.cost_grid}")
+        if self.cost_topk is not None and self.cost_topk < 1:
+            raise ConfigError(f"mast3r teacher: cost_topk must be >= 1 or None, got {self.cost_topk}")
         if not self.cost_temperature > 0:
             raise ConfigError(f"mast3r teacher: cost_temperature must be > 0, got {self.cost_temperature}")
 
@@ -74,8 +98,11 @@ class Mast3rTeacherConfig:
 class Mast3rTeacher(Teacher):
     name = "mast3r"
     scene_units = "metres"  # the published checkpoint regresses metric points
+    concurrent_predict = True
 
     def __init__(self, **options) -> None:
+        import threading  # noqa: PLC0415
+
         import torch  # noqa: PLC0415
 
         from geod.stage1_extract.mast3r.matching import MatchConfig  # noqa: PLC0415
@@ -92,8 +119,19 @@ class Mast3rTeacher(Teacher):
         self.amp_dtype = torch.bfloat16 if precision == "bf16" else None
         self.match_cfg = MatchConfig(stride=cfg.match_stride, offset=cfg.match_offset, border=cfg.match_border,
                                      conf_quantile=cfg.match_conf_quantile, max_iter=cfg.match_max_iter)
+        head_precision = cfg.head_precision
+        if head_precision == "auto":  # measured choice on CUDA: see benchmarks/bench_mast3r.py
+            head_precision = "mixed" if cfg.tf32_heads and self.device.type == "cuda" else "fp32"
+        self.head_precision = head_precision
         self.model, self._weights_path = self._build_model()
+        if self.device.type == "cuda":
+            from geod.stage1_extract.mast3r.network import compile_blocks, heads_channels_last  # noqa: PLC0415
+
+            heads_channels_last(self.model)
+            if cfg.compile != "none":
+                compile_blocks(self.model, "default" if cfg.compile == "auto" else cfg.compile)
         self._sha256 = None
+        self._device_lock = threading.Lock()  # one batch's device work at a time (TF32 switches are global)
 
     def _build_model(self):
         import torch  # noqa: PLC0415
@@ -124,8 +162,8 @@ class Mast3rTeacher(Teacher):
     def config(self) -> dict:
         out = asdict(self.cfg)
         out["cost_grid"] = list(self.cfg.cost_grid)
-        out.update(device=self.device.type, precision=self.precision, network=self.model.cfg.to_dict(),
-                   match=asdict(self.match_cfg))
+        out.update(device=self.device.type, precision=self.precision, head_precision=self.head_precision,
+                   network=self.model.cfg.to_dict(), match=asdict(self.match_cfg))
         return out
 
     def preprocessing(self) -> dict:
@@ -136,17 +174,21 @@ class Mast3rTeacher(Teacher):
                 "normalisation": {"scale": 1 / 255, "mean": list(net.image_mean), "std": list(net.image_std)},
                 "orientation": "as stored (portrait images are not transposed)"}
 
-    def predict(self, pairs: list[PairData]) -> list[TeacherPrediction]:
+    def prepare(self, pair: PairData) -> PairData:
+        """The pair with both images resized to the working resolution (what `predict` would do)."""
+        from dataclasses import replace  # noqa: PLC0415
+
+        return replace(pair, view_a=replace(pair.view_a, image=self._resized(pair.view_a.image)),
+                       view_b=replace(pair.view_b, image=self._resized(pair.view_b.image)))
+
+    def _resized(self, image: np.ndarray) -> np.ndarray:
         from geod.stage1_extract.mast3r.preprocess import resize_image, working_size  # noqa: PLC0415
 
-        long_side = self.cfg.long_side
-        inputs = []
-        for pair in pairs:
-            views = []
-            for view in (pair.view_a, pair.view_b):
-                size = working_size(*view.image.shape[:2], long_side=long_side, multiple=self.model.cfg.patch_size)
-                views.append(resize_image(view.image, size))
-            inputs.append(views)
+        size = working_size(*image.shape[:2], long_side=self.cfg.long_side, multiple=self.model.cfg.patch_size)
+        return resize_image(image, size)  # unchanged when already at that size
+
+    def predict(self, pairs: list[PairData]) -> list[TeacherPrediction]:
+        inputs = [(self._resized(pair.view_a.image), self._resized(pair.view_b.image)) for pair in pairs]
         # pairs of the same sizes run together; results go back in input order
         groups: dict[tuple, list[int]] = {}
         for i, (img_a, img_b) in enumerate(inputs):
@@ -164,47 +206,130 @@ class Mast3rTeacher(Teacher):
     def _predict_batch(self, images: list, pair_ids: list[str]) -> list[TeacherPrediction]:
         import torch  # noqa: PLC0415
 
-        from geod.stage1_extract.mast3r.matching import reciprocal_matches  # noqa: PLC0415
         from geod.stage1_extract.mast3r.preprocess import to_network_input  # noqa: PLC0415
 
         net = self.model.cfg
-        img_a = to_network_input([a for a, _ in images], net.image_mean, net.image_std).to(self.device)
-        img_b = to_network_input([b for _, b in images], net.image_mean, net.image_std).to(self.device)
-        with torch.inference_mode():
-            ab, ba = self.model.forward_symmetric(img_a, img_b, cost_temperature=self.cfg.cost_temperature,
-                                                  amp_dtype=self.amp_dtype, head_tf32=self.cfg.tf32_heads)
-            matches = reciprocal_matches(ab.desc_a, ab.desc_b, ab.conf_a, ab.conf_b, cfg=self.match_cfg)
-            cost_ab = resample_cost(ab.cost_ab, ab.grid_a, ab.grid_b, self.cfg.cost_grid)
-            cost_ba = resample_cost(ab.cost_ba, ab.grid_b, ab.grid_a, self.cfg.cost_grid)
-            host = {name: t.float().cpu().numpy() for name, t in (
-                ("pts_a", ab.pts3d_a), ("pts_b", ab.pts3d_b), ("conf_a", ab.conf_a), ("own_b", ba.pts3d_a),
-                ("own_conf_b", ba.conf_a), ("dconf_a", ab.desc_conf_a), ("dconf_b", ab.desc_conf_b),
-                ("cost_ab", cost_ab), ("cost_ba", cost_ba))}
+        cuda = self.device.type == "cuda"
+        with self._device_lock, torch.inference_mode():
+            img_a = to_network_input([a for a, _ in images], net.image_mean, net.image_std, self.device)
+            img_b = to_network_input([b for _, b in images], net.image_mean, net.image_std, self.device)
+            device_out, matches = self._device_work(img_a, img_b)
+            # copies into pinned host memory, queued behind the batch's kernels; the lock is released
+            # before waiting for them, so the next batch's kernels queue up meanwhile
+            host_t = {name: (torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if cuda else None)
+                      for name, t in device_out.items()}
+            for name, t in device_out.items():
+                host_t[name] = host_t[name].copy_(t, non_blocking=True) if cuda else t
+            match_t = [(m.xy_a.to("cpu", non_blocking=cuda), m.xy_b.to("cpu", non_blocking=cuda))
+                       for m in matches]
+            done = torch.cuda.Event() if cuda else None
+            if cuda:
+                done.record()
+        if cuda:
+            done.synchronize()
+        host = {name: (t.numpy().astype(np.uint16) if name.endswith(("_index", "_prob")) else t.numpy())
+                for name, t in host_t.items()}
         preds = []
         for i, pair_id in enumerate(pair_ids):
-            depth_a, conf_a = _depth_and_conf(host["pts_a"][i], host["conf_a"][i])
-            depth_b, conf_b = _depth_and_conf(host["own_b"][i], host["own_conf_b"][i])
-            pred = TeacherPrediction(depth_a=depth_a, depth_b=depth_b, conf_a=conf_a, conf_b=conf_b,
+            if not host["finite"][i]:
+                bad = [name for name, flag in zip(_FINITE_CHECKED, host["finite_each"][i]) if not flag]
+                raise TeacherError(f"pair {pair_id!r}: mast3r output {', '.join(bad)} has non-finite values")
+            xy_a, xy_b = (t.numpy() for t in match_t[i])
+            tops = {}
+            if self._device_topk():
+                tops = {f"cost_{d}_topk": CostTopK(index=host[f"top_{d}_index"][i], prob=host[f"top_{d}_prob"][i],
+                                                   valid=host[f"top_{d}_valid"][i]) for d in ("ab", "ba")}
+            pred = TeacherPrediction(**tops, depth_a=host["depth_a"][i], depth_b=host["depth_b"][i],
+                                     conf_a=host["conf_a"][i], conf_b=host["conf_b"][i],
                                      points_a=host["pts_a"][i], points_b=host["pts_b"][i],
-                                     matches=_normalised_matches(matches[i], host["dconf_a"][i], host["dconf_b"][i]),
+                                     matches=_normalised_matches(xy_a, xy_b, host["dconf_a"][i], host["dconf_b"][i]),
                                      cost_ab=host["cost_ab"][i], cost_ba=host["cost_ba"][i])
-            for name in ("points_a", "points_b", "cost_ab", "cost_ba"):
-                if not np.isfinite(getattr(pred, name)).all():
-                    raise TeacherError(f"pair {pair_id!r}: mast3r output {name} has non-finite values")
             preds.append(pred)
         return preds
 
+    def _device_topk(self) -> bool:
+        k = self.cfg.cost_topk
+        return k is not None and k <= self.cfg.cost_grid[0] * self.cfg.cost_grid[1]
 
-def _depth_and_conf(points: np.ndarray, conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    z = points[..., 2]
-    valid = np.isfinite(z) & (z > 0) & np.isfinite(conf)
-    return (np.where(valid, z, 0.0).astype(np.float32), np.where(valid, conf, 0.0).astype(np.float32))
+    def _device_work(self, img_a, img_b):
+        """Network, matcher, cost resampling and the per-pixel packing, all on the device.
+        Returns ({name: float32 tensor [B, ...]}, matches)."""
+        import torch  # noqa: PLC0415
+
+        from geod.stage1_extract.mast3r.matching import reciprocal_matches  # noqa: PLC0415
+
+        ab, own_b, own_conf_b = self.model.forward_teacher(img_a, img_b, cost_temperature=self.cfg.cost_temperature,
+                                                           amp_dtype=self.amp_dtype,
+                                                           head_precision=self.head_precision)
+        matches = reciprocal_matches(ab.desc_a, ab.desc_b, ab.conf_a, ab.conf_b, cfg=self.match_cfg)
+        cost_ab = resample_cost(ab.cost_ab, ab.grid_a, ab.grid_b, self.cfg.cost_grid)
+        cost_ba = resample_cost(ab.cost_ba, ab.grid_b, ab.grid_a, self.cfg.cost_grid)
+        depth_a, conf_a = _depth_and_conf(ab.pts3d_a, ab.conf_a)
+        depth_b, conf_b = _depth_and_conf(own_b, own_conf_b)
+        out = {"pts_a": ab.pts3d_a, "pts_b": ab.pts3d_b, "depth_a": depth_a, "conf_a": conf_a,
+               "depth_b": depth_b, "conf_b": conf_b, "dconf_a": ab.desc_conf_a, "dconf_b": ab.desc_conf_b,
+               "cost_ab": cost_ab, "cost_ba": cost_ba}
+        out = {name: t.float().contiguous() for name, t in out.items()}
+        finite_each = torch.stack([out[name].flatten(1).isfinite().all(dim=1) for name in _FINITE_CHECKED], dim=1)
+        out["finite_each"], out["finite"] = finite_each, finite_each.all(dim=1)
+        if self._device_topk():
+            for direction in ("ab", "ba"):
+                index, prob, valid = topk_quantize_torch(out[f"cost_{direction}"], self.cfg.cost_topk)
+                out.update({f"top_{direction}_index": index, f"top_{direction}_prob": prob,
+                            f"top_{direction}_valid": valid})
+        return out, matches
 
 
-def _normalised_matches(match, desc_conf_a: np.ndarray, desc_conf_b: np.ndarray) -> Matches:
+_FINITE_CHECKED = ("pts_a", "pts_b", "cost_ab", "cost_ba")
+
+
+def _depth_and_conf(points, conf):
+    """z of the points and their confidence, both 0 where z is not a finite positive number (or the
+    confidence is not finite). Tensors [B, H, W, 3] and [B, H, W] -> two float32 [B, H, W]."""
+    import torch  # noqa: PLC0415
+
+    z = points[..., 2].float()
+    conf = conf.float()
+    valid = torch.isfinite(z) & (z > 0) & torch.isfinite(conf)
+    zero = torch.zeros((), dtype=torch.float32, device=z.device)
+    return torch.where(valid, z, zero), torch.where(valid, conf, zero)
+
+
+def topk_quantize_torch(rows, topk: int):
+    """`geod.stage1_extract.cost_volume.topk_quantize` for a batch [B, P, P] of rows, on the rows' device:
+    float64 renormalisation, floor quantisation, distinct keys (value, then lower index), top-k in
+    decreasing order. Returns index uint16 [B, P, k], prob uint16 [B, P, k], valid bool [B, P] (int32
+    carriers on the device, converted on the host side by numpy views). The row sums are reduced in
+    another order than numpy's, so a value lying exactly on a quantisation step within float64 rounding
+    could come out one step apart; the result is deterministic for a device."""
+    import torch  # noqa: PLC0415
+
+    from geod.pipeline.format_spec import PROB_SCALE  # noqa: PLC0415
+
+    rows = rows.double()
+    n_cols = rows.shape[-1]
+    if n_cols > 1 << 16:
+        raise TeacherError(f"{n_cols} patches: indices must fit in uint16")
+    total = rows.sum(dim=-1)
+    valid = torch.isfinite(total) & (total > 0) & (rows.amin(dim=-1) >= 0)
+    scale = torch.where(valid, 1.0 / torch.where(valid, total, torch.ones_like(total)), torch.zeros_like(total))
+    prob = torch.where(valid[..., None], rows * scale[..., None], torch.zeros_like(rows))
+    quantised = torch.clamp(torch.floor(prob * PROB_SCALE), max=PROB_SCALE).to(torch.int64)
+    key = (quantised << 16) | ((1 << 16) - 1 - torch.arange(n_cols, device=rows.device))
+    top_keys = torch.topk(key, topk, dim=-1, largest=True, sorted=True).values
+    index = (1 << 16) - 1 - (top_keys & 0xFFFF)
+    values = top_keys >> 16
+    bump = valid & (values[..., 0] == 0)  # a valid row keeps some mass (as the numpy version)
+    values[..., 0] = torch.where(bump, torch.ones_like(values[..., 0]), values[..., 0])
+    index = torch.where(valid[..., None], index, torch.zeros_like(index))
+    values = torch.where(valid[..., None], values, torch.zeros_like(values))
+    # uint16 has few device kernels: carry as int32 and narrow on the host
+    return index.to(torch.int32), values.to(torch.int32), valid
+
+
+def _normalised_matches(xy_a: np.ndarray, xy_b: np.ndarray, desc_conf_a: np.ndarray,
+                        desc_conf_b: np.ndarray) -> Matches:
     """Pixel matches -> normalised (u, v) with pixel centres at (x + 0.5) / w."""
-    xy_a = match.xy_a.cpu().numpy()
-    xy_b = match.xy_b.cpu().numpy()
     (h_a, w_a), (h_b, w_b) = desc_conf_a.shape, desc_conf_b.shape
     uv_a = ((xy_a + 0.5) / np.array([w_a, h_a])).astype(np.float32)
     uv_b = ((xy_b + 0.5) / np.array([w_b, h_b])).astype(np.float32)

@@ -1,0 +1,172 @@
+"""Exact float32 nearest neighbours by dot product on CUDA, fused in Triton (the matcher's hot loop).
+
+The plain way forms every query's similarity row in memory and reduces it: for 768 seeds against a
+512x384 image that is 150 M float32 values per pair and round, which makes matching memory-bound. Here
+the row never leaves the chip, and the tensor cores do the bulk of the arithmetic in half precision
+without giving up exactness:
+
+1. pass 1 streams the database tiles and keeps, per query, the maximum of the float16 products
+   (float32 accumulation): M ~ max_j <q, d_j>;
+2. the float16 products differ from the float32 ones by at most `eps` (a bound from the rounding of q and
+   d to float16 and the accumulation errors of both computations), so the exact winner j* satisfies
+   approx(j*) >= exact(j*) - eps >= approx(j_M) - 2 eps = M - 2 eps: every entry below M - margin
+   (margin > 2 eps) is out of the race;
+3. pass 2 streams the tiles again and, only in tiles holding a candidate, computes the float32 products
+   (one FMA per channel in channel order, no TF32) and keeps the largest candidate, the first index on
+   ties.
+The result equals an exact float32 argmax (up to the summation order of the 24-term products, as any two
+float32 implementations do).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from geod.pipeline.errors import TeacherError
+
+_HALF_UNIT = 2.0 ** -11       # float16 unit roundoff
+_F32_UNIT = 2.0 ** -24
+_HALF_SUBNORMAL = 2.0 ** -25  # half the float16 subnormal spacing: absolute rounding error near 0
+
+
+@triton.jit
+def _approx_max_kernel(q_ptr, db_ptr, out_ptr, n_q, n_db, stride_qb, stride_dbb, split_len, n_batch,
+                       DP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_q = tl.program_id(0)
+    b = tl.program_id(1)
+    split = tl.program_id(2)  # this program's slice of the database: [split * split_len, + split_len)
+    n_start = split * split_len
+    n_stop = tl.minimum(n_start + split_len, n_db)
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    dims = tl.arange(0, DP)
+    q = tl.load(q_ptr + b * stride_qb + rows[:, None] * DP + dims[None, :], mask=rows[:, None] < n_q, other=0.0)
+    best = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    for n0 in range(n_start, n_stop, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        d = tl.load(db_ptr + b * stride_dbb + cols[:, None] * DP + dims[None, :], mask=cols[:, None] < n_stop,
+                    other=0.0)
+        s = tl.dot(q, tl.trans(d))
+        s = tl.where(cols[None, :] < n_stop, s, float("-inf"))
+        best = tl.maximum(best, tl.max(s, axis=1))
+    tl.store(out_ptr + (split * n_batch + b) * n_q + rows, best, mask=rows < n_q)
+
+
+@triton.jit
+def _exact_argmax_kernel(q_ptr, db_ptr, q32_ptr, db32_ptr, thr_ptr, val_ptr, idx_ptr, n_q, n_db, stride_qb,
+                         stride_dbb, split_len, n_batch, DIM: tl.constexpr, DP: tl.constexpr,
+                         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_q = tl.program_id(0)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
+    n_start = split * split_len
+    n_stop = tl.minimum(n_start + split_len, n_db)
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    dims = tl.arange(0, DP)
+    q_off = b * stride_qb + rows[:, None] * DP + dims[None, :]
+    q = tl.load(q_ptr + q_off, mask=rows[:, None] < n_q, other=0.0)
+    thr = tl.load(thr_ptr + b * n_q + rows, mask=rows < n_q, other=float("inf"))
+    best = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    best_idx = tl.zeros((BLOCK_Q,), tl.int32)
+    for n0 in range(n_start, n_stop, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        d_off = b * stride_dbb + cols[:, None] * DP + dims[None, :]
+        d = tl.load(db_ptr + d_off, mask=cols[:, None] < n_stop, other=0.0)
+        s = tl.dot(q, tl.trans(d))
+        cand = (s >= thr[:, None]) & (cols[None, :] < n_stop)
+        if tl.max(cand.to(tl.int32)) > 0:  # rare: only tiles near a query's best match
+            # float32 products summed in a fixed order (channel 0 first, one FMA per channel), so a
+            # value does not depend on where its entry falls in a tile
+            exact = tl.zeros((BLOCK_Q, BLOCK_N), tl.float32)
+            for k in range(DIM):
+                qk = tl.load(q32_ptr + b * stride_qb + rows * DP + k, mask=rows < n_q, other=0.0)
+                dk = tl.load(db32_ptr + b * stride_dbb + cols * DP + k, mask=cols < n_stop, other=0.0)
+                exact = tl.fma(qk[:, None], dk[None, :], exact)
+            exact = tl.where(cand, exact, float("-inf"))
+            tile_best = tl.max(exact, axis=1)
+            tile_idx = tl.argmax(exact, axis=1, tie_break_left=True).to(tl.int32) + n0
+            better = tile_best > best  # strict: an equal value in a later tile keeps the first index
+            best = tl.where(better, tile_best, best)
+            best_idx = tl.where(better, tile_idx, best_idx)
+    out = (split * n_batch + b) * n_q + rows
+    tl.store(val_ptr + out, best, mask=rows < n_q)
+    tl.store(idx_ptr + out, best_idx, mask=rows < n_q)
+
+
+def padded_dim(dim: int) -> int:
+    return max(16, 1 << (dim - 1).bit_length())
+
+
+class TritonNN:
+    """Nearest neighbours of queries in one database per pair. Built once per database (the padded float16
+    and float32 copies and the largest row norms), queried every round."""
+
+    def __init__(self, db: torch.Tensor, *, block_q: int = 64, block_n: int = 128) -> None:
+        if db.dtype != torch.float32 or not db.is_cuda and not _interpreting():
+            raise TeacherError("the fused nearest-neighbour kernel needs float32 CUDA tensors")
+        self.batch, self.n_db, self.dim = db.shape
+        self.dp = padded_dim(self.dim)
+        self.db32 = _pad(db, self.dp, torch.float32)
+        self.db16 = self.db32.to(torch.float16)
+        norms = db.norm(dim=-1)
+        self.db_norm = norms.amax(dim=1)                                   # [B]
+        self.db_l1 = db.abs().sum(dim=-1).amax(dim=1)                      # [B]
+        self.block_q, self.block_n = block_q, block_n
+
+    def margin(self, queries: torch.Tensor) -> torch.Tensor:
+        """2 x the bound on |float16 product - float32 product| for each query, with a 1 % safety factor."""
+        dim = self.dim
+        rel = 2 * _HALF_UNIT + _HALF_UNIT ** 2 + 2 * (dim + 1) * _F32_UNIT * (1 + 2 * _HALF_UNIT)
+        q_norm, q_l1 = queries.norm(dim=-1), queries.abs().sum(dim=-1)
+        eps = rel * q_norm * self.db_norm[:, None] + _HALF_SUBNORMAL * (q_l1 + self.db_l1[:, None]) * 1.01
+        return 2.02 * eps + 1e-30
+
+    def argmax(self, queries: torch.Tensor) -> torch.Tensor:
+        """[B, S, D] float32 queries -> [B, S] int64 index of the largest float32 dot product in the
+        database (first index on ties)."""
+        batch, n_q, _ = queries.shape
+        if n_q == 0:
+            return torch.zeros(batch, 0, dtype=torch.int64, device=queries.device)
+        q32 = _pad(queries, self.dp, torch.float32)
+        q16 = q32.to(torch.float16)
+        grid_q = triton.cdiv(n_q, self.block_q)
+        # Late rounds have few unconverged queries: split the database across programs as well, so that
+        # the GPU stays full (about 4 programs per multiprocessor), then reduce over the splits.
+        tiles = triton.cdiv(self.n_db, self.block_n)
+        splits = max(1, min(tiles, -(-4 * _multiprocessors(queries.device) // (grid_q * batch))))
+        split_len = triton.cdiv(tiles, splits) * self.block_n
+        splits = triton.cdiv(self.n_db, split_len)
+        grid = (grid_q, batch, splits)
+        approx = torch.empty(splits, batch, n_q, dtype=torch.float32, device=queries.device)
+        _approx_max_kernel[grid](q16, self.db16, approx, n_q, self.n_db, n_q * self.dp, self.n_db * self.dp,
+                                 split_len, batch, DP=self.dp, BLOCK_Q=self.block_q, BLOCK_N=self.block_n)
+        threshold = approx.amax(dim=0) - self.margin(queries)
+        vals = torch.empty(splits, batch, n_q, dtype=torch.float32, device=queries.device)
+        idx = torch.empty(splits, batch, n_q, dtype=torch.int32, device=queries.device)
+        _exact_argmax_kernel[grid](q16, self.db16, q32, self.db32, threshold, vals, idx, n_q, self.n_db,
+                                   n_q * self.dp, self.n_db * self.dp, split_len, batch, DIM=self.dim, DP=self.dp,
+                                   BLOCK_Q=self.block_q, BLOCK_N=self.block_n)
+        if splits == 1:
+            return idx[0].to(torch.int64)
+        # the best value; on ties the first split (lower indices), as one sequential scan would keep
+        first = (vals == vals.amax(dim=0, keepdim=True)).to(torch.int8).argmax(dim=0, keepdim=True)
+        return idx.gather(0, first)[0].to(torch.int64)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pad(t: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros(*t.shape[:-1], width, dtype=dtype, device=t.device)
+    out[..., : t.shape[-1]] = t
+    return out
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
