@@ -35,6 +35,7 @@ from geod.pipeline.atomic import json_bytes, write_bytes_atomic
 from geod.pipeline.card import CARD_FILE, INDEX_FILE, SHARDS_DIR, DatasetLayout
 from geod.pipeline.errors import ConfigError, GeodError, TeacherError
 from geod.pipeline.format_spec import FORMAT_VERSION, STATUS_FAILED, STATUS_OK
+from geod.pipeline.locking import LOCK_FILE, exclusive_directory_lock
 from geod.stage1_extract.targets import TargetConfig, build_targets, zero_targets
 from geod.stage1_extract.teacher import Teacher, TeacherPrediction, create_teacher
 
@@ -104,10 +105,7 @@ def run_extract(cfg: ExtractConfig, *, teacher: Teacher | None = None) -> Extrac
 
     `teacher` overrides the registry lookup of `cfg.teacher` (e.g. an already loaded model).
     """
-    from tqdm import tqdm
-
     from geod.data_manifests.manifest import load_manifest
-    from geod.pipeline import shard_io
 
     manifest = load_manifest(cfg.pairs)
     if teacher is None:
@@ -115,6 +113,16 @@ def run_extract(cfg: ExtractConfig, *, teacher: Teacher | None = None) -> Extrac
     _check_teacher_grid(teacher, cfg.layout)
     targets = TargetConfig.from_layout(cfg.layout, cv_sigma=cfg.cv_sigma, seed=cfg.seed)
     fingerprint = extraction_fingerprint(cfg, manifest.sha256, teacher)
+    with exclusive_directory_lock(cfg.out, what="geod extract"):
+        return _extract_locked(cfg, teacher, targets, manifest, fingerprint)
+
+
+def _extract_locked(cfg: ExtractConfig, teacher: Teacher, targets: TargetConfig, manifest, fingerprint: dict
+                    ) -> ExtractSummary:
+    from tqdm import tqdm
+
+    from geod.pipeline import shard_io
+
     prepare_out_dir(cfg.out, fingerprint, overwrite=cfg.overwrite)
 
     per_shard = cfg.layout.pairs_per_shard
@@ -189,7 +197,7 @@ def prepare_out_dir(out: Path, fingerprint: dict, *, overwrite: bool) -> None:
     """Create `out`, or check that it holds a resumable extraction with the same fingerprint."""
     out.mkdir(parents=True, exist_ok=True)
     record = out / FINGERPRINT_FILE
-    entries = [name for name in os.listdir(out) if not name.startswith(".tmp-")]
+    entries = [name for name in os.listdir(out) if not name.startswith(".tmp-") and name != LOCK_FILE]
     if record.exists():
         try:
             previous = json.loads(record.read_bytes())

@@ -222,3 +222,29 @@ def test_a_network_teacher_with_matches_and_dense_cost_goes_through_the_runner(t
     assert data.card.teacher.name == "mast3r"
     pair = data.pair("p00-01")
     assert pair["cv_ab_valid"].all() and pair["cv_ba_valid"].all()  # dense attention rows are never empty
+
+
+def test_a_second_extraction_into_the_same_directory_is_refused_while_the_first_runs(tmp_path):
+    import fcntl
+
+    from geod.pipeline.locking import LOCK_FILE, exclusive_directory_lock
+
+    out = tmp_path / "targets"
+    with exclusive_directory_lock(out, what="geod extract"):
+        # flock locks belong to open file descriptions: a second open in this process conflicts like another
+        # process would.
+        handle = os.open(out / LOCK_FILE, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(ConfigError, match="another geod extract is writing"):
+                with exclusive_directory_lock(out, what="geod extract"):
+                    pass
+            manifest = make_manifest(tmp_path / "data", frames=3)
+            with pytest.raises(ConfigError, match="another geod extract is writing"):
+                run_extract(_config(manifest, out))
+            assert not (out / "extract.json").exists()  # refused before touching the directory
+        finally:
+            os.close(handle)
+    with exclusive_directory_lock(out, what="geod extract"):  # released: free again
+        pass
