@@ -29,9 +29,17 @@ def sample_grid(grid: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
 
     u = x / W with pixel centres at i + 0.5 matches align_corners=False: cell j's centre is (j + 0.5) / w.
     """
-    coords = (xy.to(grid.dtype) * 2 - 1)[:, :, None, :]
-    sampled = nn.functional.grid_sample(grid, coords, mode="bilinear", padding_mode="border", align_corners=False)
-    return sampled[:, :, :, 0].transpose(1, 2)
+    batch, dim, height, width = grid.shape
+    points = xy.shape[1]
+    coords = xy.to(grid.dtype) * 2 - 1
+    # Every channel sampled as its own single-channel image: grid_sample's kernels run one thread per output
+    # point and loop over channels, so [B, D] -> [B*D, 1] gives them D times the parallelism (its backward,
+    # with atomic adds per point, was a large share of a step); each output value is computed the same way.
+    flat = grid.reshape(batch * dim, 1, height, width)
+    flat_coords = coords[:, None, :, None, :].expand(batch, dim, points, 1, 2).reshape(batch * dim, points, 1, 2)
+    sampled = nn.functional.grid_sample(flat, flat_coords, mode="bilinear", padding_mode="border",
+                                        align_corners=False)
+    return sampled.reshape(batch, dim, points).transpose(1, 2)
 
 
 def cell_centres(grid_h: int, grid_w: int, device: torch.device | None = None) -> torch.Tensor:

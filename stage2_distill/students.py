@@ -66,9 +66,19 @@ class Preprocessing:
         if image.shape[:2] != (height, width):
             resized = Image.fromarray(image).resize((width, height), resample=Image.Resampling(self.resample))
             image = np.asarray(resized)
-        pixels = image.astype(np.float32) * np.float32(self.rescale_factor)
-        pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        if image.dtype != np.uint8:
+            pixels = self._normalise(image.astype(np.float32))
+            return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        # A uint8 channel has 256 values: normalise those once (the same float32 operations, so the same
+        # bits) and look every pixel up, about twice as fast as the arithmetic on the whole image.
+        table = self._normalise(np.arange(256, dtype=np.float32)[:, None])  # [256, 3]
+        planes = np.ascontiguousarray(image.transpose(2, 0, 1))
+        return np.stack([np.take(table[:, c], planes[c]) for c in range(3)])
+
+    def _normalise(self, values: np.ndarray) -> np.ndarray:
+        """float32 values [..., 3] -> (values * rescale_factor - mean) / std, per channel."""
+        values = values * np.float32(self.rescale_factor)
+        return (values - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
 
     def to_dict(self) -> dict:
         return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std),

@@ -130,20 +130,36 @@ def train_step(model: DistillModel, batch: dict, optimizer: torch.optim.Optimize
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
         parts = model(batch, cfg.loss, cv_grid)
     total = parts["total"]
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    names = list(parts)
+    if world == 1:
+        # One host-device synchronisation per step: backward and clipping are queued without waiting for the
+        # loss, and the loss check, the gradient norm and the logged values come back together. A non-finite
+        # loss makes the same decision as checking it first (no update); its gradients are discarded.
+        loss_finite = torch.isfinite(total.detach())
+        total.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        fetched = torch.stack([loss_finite.float(), norm.detach().float(),
+                               *(parts[k].detach().float() for k in names)]).tolist()
+        loss_ok, norm_value, values = fetched[0] > 0, fetched[1], fetched[2:]
+        grad_norm = norm_value if loss_ok else float("nan")
+        finite = loss_ok and math.isfinite(norm_value)
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return dict(zip(names, values)), grad_norm, finite
     finite = bool(torch.isfinite(total))
     grad_norm = float("nan")
     if finite:
         total.backward()
-    if world > 1:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if finite else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        finite = bool(flag.item() > 0)
-        if finite:
-            _all_reduce_grads(params, world)
+    flag = torch.tensor([1.0 if finite else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    finite = bool(flag.item() > 0)
     if finite:
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        _all_reduce_grads(params, world)
+    if finite:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         finite = math.isfinite(grad_norm)
     if finite:

@@ -1,0 +1,497 @@
+"""Throughput of a geod distillation step beside the same student's plain forward + backward.
+
+    python benchmarks/bench_distill_step.py                       # every student, on CUDA
+    python benchmarks/bench_distill_step.py --students clip-b16 --batch 32
+    python benchmarks/bench_distill_step.py --smoke               # tiny students, any device (a check)
+
+Students are built at their real size with random weights from transformers (or timm) configs, through
+geod's own tiny-student path with size overrides, so nothing is downloaded:
+- clip-b16: CLIP ViT-B/16 at 224 (a bare tower; the method's backbone family);
+- llava-l14-336: CLIP ViT-L/14-336 inside a LLaVA-1.5 with a one-layer toy language model (LLaVA feeds
+  block 22 of 24, so geod runs 23 blocks);
+- siglip-so400m: SigLIP so400m-patch14-384 (the PaliGemma / LLaVA-OneVision tower), bare, fed 378x378
+  (27x27 patches, what its own patch embedding keeps of a 384 image; geod needs a multiple of the patch);
+- qwen2_5_vl: Qwen2.5-VL's vision tower (depth 32, width 1280, window 112 px, full attention in blocks
+  7/15/23/31) inside a toy Qwen2.5-VL, at 448x448;
+- timm-b16-384: timm vit_base_patch16_clip_384 (skipped when timm does not import).
+
+Per student, with bf16 autocast on CUDA as geod trains, B pairs = 2B images per step:
+(a) plain: the student with geod's LoRA (same target modules and layers) but no bottleneck adapters or
+    heads, forward + backward of mean(square(fed-layer features)) on 2B images already on the GPU;
+(b) geod compute: `train.train_step` (DistillModel forward with all four losses, heads, backward, grad clip,
+    AdamW step) on one real batch already on the GPU, repeated;
+(c) geod step: the same, fed by geod's PairStream / DataLoader (pinned memory, workers) from a synthetic
+    target dataset on local disk (640x480 JPEGs; targets from bench_format.synthetic_pair through the
+    shard writer), as `geod distill` feeds it;
+(d) data alone: the DataLoader's rate with nothing on the GPU (at --workers and at --workers-max).
+The overhead reported is (c) / (a) - 1 and (b) / (a) - 1 in time per step. A breakdown of (b) with CUDA
+events (encoder forward, losses, backward, clip + optimizer) shows where the geod-only time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+# name -> (registry name, size overrides, image size, TinySpec field changes, default pairs per step)
+STUDENTS = {
+    "clip-b16": ("tiny-clip", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                               "intermediate_size": 3072, "patch_size": 16, "image_size": 224}, (224, 224), {}, 16),
+    "llava-l14-336": ("tiny-llava", {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                                     "intermediate_size": 4096, "patch_size": 14, "image_size": 336},
+                      (336, 336), {}, 16),
+    "siglip-so400m": ("tiny-siglip", {"hidden_size": 1152, "num_hidden_layers": 27, "num_attention_heads": 16,
+                                      "intermediate_size": 4304, "patch_size": 14, "image_size": 384},
+                      (378, 378), {}, 16),
+    "qwen2_5_vl": ("tiny-qwen2_5_vl", {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16,
+                                       "intermediate_size": 3420, "patch_size": 14}, (448, 448),
+                   {"vision_extra": {"out_hidden_size": 32, "spatial_merge_size": 2, "window_size": 112,
+                                     "fullatt_block_indexes": [7, 15, 23, 31], "temporal_patch_size": 2}}, 8),
+    "timm-b16-384": ("tiny-timm", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                                   "patch_size": 16, "image_size": 384}, (384, 384), {}, 16),
+}
+SMOKE_SIZE = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# synthetic target dataset with real images on disk
+
+
+def _image(seed: int, height: int, width: int) -> bytes:
+    """A JPEG (quality 90) of smooth colour noise plus grain, about the size of a photo's."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray((rng.random((12, 16, 3)) * 255).astype(np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), np.int16)
+    grain = rng.integers(-24, 25, (height, width, 3), dtype=np.int16)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _write_image(job: tuple[Path, int, int, int]) -> str:
+    from geod.pipeline.hashing import sha256_bytes
+
+    path, seed, height, width = job
+    data = _image(seed, height, width)
+    path.write_bytes(data)
+    return sha256_bytes(data)
+
+
+def _targets(seed: int) -> dict:
+    sys.path.insert(0, str(HERE))
+    from bench_format import synthetic_pair
+    from geod.pipeline.card import DatasetLayout
+
+    return synthetic_pair(np.random.default_rng(seed), DatasetLayout())
+
+
+def build_dataset(root: Path, pairs: int, height: int, width: int) -> Path:
+    """root/targets (default layout) over root/images; reused when already complete."""
+    from geod.pipeline.card import DatasetLayout
+    from geod.pipeline.shard_io import finalize_dataset, write_shard
+
+    out = root / "targets"
+    stamp = root / f"built-{pairs}-{height}x{width}.json"
+    if stamp.is_file() and (out / "card.json").is_file():
+        return out
+    layout = DatasetLayout()
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    jobs = [(images / f"{i:05d}_{v}.jpg", 2 * i + (v == "b"), height, width) for i in range(pairs) for v in "ab"]
+    with Pool(min(16, os.cpu_count() or 1)) as pool:
+        shas = pool.map(_write_image, jobs, chunksize=8)
+        arrays = pool.map(_targets, range(pairs), chunksize=8)
+    rows = [{"pair_id": f"p{i:05d}", "scene_id": f"s{i // 16}", "split": "train",
+             "image_a": f"images/{i:05d}_a.jpg", "image_b": f"images/{i:05d}_b.jpg",
+             "image_a_sha256": shas[2 * i], "image_b_sha256": shas[2 * i + 1], "status": "ok", "reason": None}
+            for i in range(pairs)]
+    per = layout.pairs_per_shard
+    n_shards = (pairs + per - 1) // per
+    for shard in range(n_shards):
+        part = slice(shard * per, (shard + 1) * per)
+        stacked = {name: np.stack([a[name] for a in arrays[part]]) for name in arrays[0]}
+        write_shard(out, shard, stacked, rows[part], layout)
+    finalize_dataset(out, n_shards=n_shards, layout=layout, teacher={"name": "bench", "scene_units": "metres"},
+                     source={"manifest": None, "manifest_sha256": None, "base_dir": str(root)})
+    stamp.write_text("{}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one student
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def _build(name: str, args, device, batch: int):
+    """(DistillModel, resolved DistillConfig) for a benchmark student, built on `device`."""
+    import torch
+    from geod.stage2_distill import tiny_students
+    from geod.stage2_distill.config import DataConfig, DistillConfig, OptimConfig, RunConfig, StudentConfig
+    from geod.stage2_distill.model import DistillModel
+    from geod.stage2_distill.students import create_student
+
+    registry, overrides, image_size, spec_changes, _ = STUDENTS[name]
+    if args.smoke:
+        qwen = registry == "tiny-qwen2_5_vl"
+        overrides = {**overrides, **SMOKE_SIZE, "patch_size": 14 if qwen else 8}
+        image_size = (56, 56) if qwen else (64, 64)
+        if "image_size" in overrides:
+            overrides["image_size"] = 64
+    if registry == "tiny-timm":
+        overrides = {k: v for k, v in overrides.items() if k != "intermediate_size"}
+    cfg = DistillConfig(
+        data=DataConfig(shards=str(args.dataset), batch_size=batch, workers=args.workers,
+                        shuffle_blocks=2),
+        run=RunConfig(out=Path(tempfile.gettempdir()) / "geod-bench-run", progress=False),
+        student=StudentConfig(name_or_path=registry, image_size=image_size, tiny_overrides=overrides),
+        optim=OptimConfig(warmup_steps=10, max_steps=1000))
+    # Size overrides cover width, depth and patch; settings they do not reach (Qwen's window and full-attention
+    # blocks) are changed in a patched copy of the tiny registry, for this process only.
+    specs = dict(tiny_students.TINY)
+    if spec_changes:
+        specs[registry] = dataclasses.replace(specs[registry], **spec_changes)
+    torch.manual_seed(0)
+    # Random initialisation straight on the GPU: real-size towers take minutes to initialise on a CPU.
+    with mock.patch.dict(tiny_students.TINY, specs), torch.device(device):
+        student = create_student(cfg.student)
+        resolved = dataclasses.replace(cfg, student=cfg.student.resolved(student.num_layers, student.image_size,
+                                                                         is_vlm=student.is_vlm))
+        model = DistillModel(student, resolved.student).to(device)
+    model.train()
+    return model, resolved
+
+
+def _time_loop(fn, warmup: int, steps: int, device) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _epochs(stream, device):
+    """Batches across epochs, a new DataLoader per epoch, as `geod distill` reads them."""
+    from geod.stage2_distill.data import make_loader
+
+    epoch = 0
+    while True:
+        stream.set_position(epoch, 0)
+        yield from make_loader(stream, pin_memory=device.type == "cuda")
+        epoch += 1
+
+
+def bench_student(label: str, args, device) -> dict:
+    import torch
+    from geod.stage2_distill import train
+    from geod.stage2_distill.data import PairStream, make_loader
+    from torch import nn
+
+    name, _, batch_text = label.partition("@")
+    started = time.perf_counter()
+    model, cfg = _build(name, args, device, int(batch_text or args.batch or STUDENTS[name][4]))
+    student = model.student
+    pairs = cfg.data.batch_size
+    params = [p for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    use_bf16 = device.type == "cuda"
+    height, width = student.image_size
+    result = {"student": label, "pairs_per_step": pairs, "images_per_step": 2 * pairs, "image_size": [height, width],
+              "encoder_blocks_run": student.num_layers, "tower_blocks": student.tower_layers,
+              "lora_layers": list(cfg.student.lora_layers), "adapter_dim": cfg.student.adapter_dim,
+              "trainable_params": sum(p.numel() for p in params),
+              "tower_params": sum(p.numel() for p in student.base_model().parameters())}
+    print(f"[{label}] built in {time.perf_counter() - started:.1f}s: {result}", flush=True)
+
+    # (a) plain: LoRA only (the bottleneck adapters are bypassed), trivial loss on the fed layer.
+    pixels = torch.randn(2 * pairs, 3, height, width, device=device)
+    adapters = student.block_adapters
+
+    def plain() -> None:
+        student.block_adapters = nn.ModuleDict()
+        try:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                grids = student(pixels)
+                loss = grids[-1].float().square().mean()
+            loss.backward()
+        finally:
+            student.block_adapters = adapters
+        for p in params:
+            p.grad = None
+
+    _peak_reset(device)
+    result["plain_ms"] = 1e3 * _time_loop(plain, args.warmup, args.steps, device)
+    result["plain_peak_gib"] = _peak_gib(device)
+
+    # One real batch from geod's loader, kept on the GPU for (b).
+    stream = PairStream(cfg.data, student.preprocessing)
+    stream.set_position(0, 0)
+    first = iter(make_loader(stream, pin_memory=device.type == "cuda"))
+    batch = train._to_device(next(first), device)
+    del first  # shuts its workers down before anything is timed
+    step_no = [0]
+
+    def geod_step(b) -> dict:
+        lr = train.learning_rate(step_no[0], cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        values, _, applied = train.train_step(model, b, optimizer, params, cfg, stream.cv_grid, device, 1)
+        step_no[0] += 1
+        if not applied:
+            raise RuntimeError(f"{name}: a step was skipped as non-finite: {values}")
+        return values
+
+    _peak_reset(device)
+    result["geod_compute_ms"] = 1e3 * _time_loop(lambda: geod_step(batch), args.warmup, args.steps, device)
+    result["geod_peak_gib"] = _peak_gib(device)
+    result["losses"] = geod_step(batch)
+    result["breakdown_ms"] = _breakdown(model, batch, optimizer, params, cfg, stream.cv_grid, device, use_bf16)
+    if label in args.profile.split(","):
+        _profile(label, plain, lambda: geod_step(batch), device)
+
+    # (c) the step as `geod distill` runs it: batches from the DataLoader (new loader, batch 0 of epoch 0).
+    batches = _epochs(stream, device)
+    waits = []
+
+    def fed_step() -> None:
+        t0 = time.perf_counter()
+        b = train._to_device(next(batches), device)
+        waits.append(time.perf_counter() - t0)
+        geod_step(b)
+
+    result["geod_step_ms"] = 1e3 * _time_loop(fed_step, args.warmup, args.steps, device)
+    result["data_wait_ms"] = 1e3 * float(np.mean(waits[args.warmup:]))
+    batches.close()  # shuts the DataLoader workers down
+    result["overhead_compute_pct"] = 100 * (result["geod_compute_ms"] / result["plain_ms"] - 1)
+    result["overhead_step_pct"] = 100 * (result["geod_step_ms"] / result["plain_ms"] - 1)
+    result["pairs_per_s_plain"] = 1e3 * pairs / result["plain_ms"]
+    result["pairs_per_s_step"] = 1e3 * pairs / result["geod_step_ms"]
+
+    # (d) the data alone, nothing on the GPU: one process's cost per image and per batch, then DataLoaders.
+    result.update(_data_alone(cfg, student.preprocessing, args, device))
+    result["seconds"] = time.perf_counter() - started
+    print(f"[{label}] {json.dumps(result)}", flush=True)
+    return result
+
+
+def _data_alone(cfg, preprocessing, args, device) -> dict:
+    from geod.stage2_distill.data import PairStream, make_loader
+    from PIL import Image
+
+    out = {}
+    stream = PairStream(cfg.data, preprocessing)
+    index, source = stream.index, stream.source
+    parts = {"read_verify_decode": [], "resize": [], "normalise": []}
+    height, width = preprocessing.image_size
+    for position in np.flatnonzero(index.eligible)[:8].tolist():
+        t0 = time.perf_counter()
+        image = source.image(index.image_a[position], index.sha_a[position])
+        t1 = time.perf_counter()
+        resized = np.asarray(Image.fromarray(image).resize((width, height),
+                                                          resample=Image.Resampling(preprocessing.resample)))
+        t2 = time.perf_counter()
+        preprocessing(resized)
+        t3 = time.perf_counter()
+        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+            parts[key].append(1e3 * value)
+    out["data_ms_per_image"] = {k: float(np.median(v)) for k, v in parts.items()}
+    it = iter(stream)  # in this process: stream 0's batches (at least two)
+    next(it)
+    start = time.perf_counter()
+    timed = 0
+    for _ in range(3):
+        if next(it, None) is None:
+            break
+        timed += 1
+    out["data_ms_per_batch_one_process"] = 1e3 * (time.perf_counter() - start) / max(timed, 1)
+    del it
+    for workers in sorted({args.workers, args.workers_max}):
+        alone = PairStream(dataclasses.replace(cfg.data, workers=workers), preprocessing)
+        alone.set_position(0, 0)
+        count = alone.batches_per_epoch(0)
+        loader = iter(make_loader(alone, pin_memory=device.type == "cuda"))
+        # Timed from the second round of batches on: the first round was made while the workers started.
+        for _ in range(workers):
+            next(loader)
+        start = time.perf_counter()
+        for _ in range(count - workers):
+            next(loader)
+        out[f"data_pairs_per_s_w{workers}"] = cfg.data.batch_size * (count - workers) / (time.perf_counter() - start)
+        del loader
+    return out
+
+
+def _profile(label: str, plain, step, device) -> None:
+    """torch.profiler over two plain passes and two geod steps: kernel counts and the top CUDA ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for what, fn in (("plain", plain), ("geod", step)):
+        fn()
+        _sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                fn()
+            _sync(device)
+        events = prof.key_averages()
+        kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
+                      and "CUDA" in str(e.device_type))
+        print(f"[{label}] profile {what}: {kernels / 2:.0f} device events per step", flush=True)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(events.table(sort_by=sort, row_limit=22, max_name_column_width=60), flush=True)
+
+
+def _breakdown(model, batch, optimizer, params, cfg, cv_grid, device, use_bf16, repeats: int = 3) -> dict:
+    """GPU time of the parts of one step (CUDA events; CPU clock elsewhere), median of `repeats`."""
+    import torch
+
+    names = ("encoder", "losses", "backward", "clip_opt")
+    samples = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    for _ in range(repeats):
+        _sync(device)
+        marks, clock = [], []
+
+        def mark() -> None:
+            clock.append(time.perf_counter())
+            if device.type == "cuda":
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                marks.append(event)
+
+        optimizer.zero_grad(set_to_none=True)
+        mark()
+        loss_cfg = cfg.loss
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            pixels = torch.cat([batch["pixel_a"], batch["pixel_b"]])
+            feats = model.features(pixels, match=loss_cfg.w_ap > 0, depth=loss_cfg.w_depth + loss_cfg.w_rank > 0,
+                                   cost=loss_cfg.w_kl > 0)
+            mark()
+            with torch.autocast(device_type=device.type, enabled=False):
+                parts = model._losses({k: v.float() for k, v in feats.items()}, batch, loss_cfg, cv_grid)
+        mark()
+        parts["total"].backward()
+        mark()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mark()
+        _sync(device)
+        for i, n in enumerate(names):
+            cpu[n].append(1e3 * (clock[i + 1] - clock[i]))
+            if marks:
+                samples[n].append(marks[i].elapsed_time(marks[i + 1]))
+    out = {f"gpu_{n}": float(np.median(v)) for n, v in samples.items() if v}
+    out.update({f"cpu_{n}": float(np.median(v)) for n, v in cpu.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _table(results: list[dict]) -> str:
+    lines = ["| student | pairs/step | plain ms | geod compute ms (+%) | geod step ms (+%) | pairs/s step "
+             "| data wait ms | data alone pairs/s (w) | ms/image decode, resize, norm | peak GiB plain / geod |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['student']} | error: {r['error']} |||||||| ")
+            continue
+        data = ", ".join(f"{v:.0f} (w{k.rsplit('w', 1)[1]})" for k, v in r.items() if k.startswith("data_pairs"))
+        per_image = ", ".join(f"{v:.1f}" for v in r["data_ms_per_image"].values())
+        lines.append(f"| {r['student']} {r['image_size'][0]}px | {r['pairs_per_step']} | {r['plain_ms']:.1f} | "
+                     f"{r['geod_compute_ms']:.1f} ({r['overhead_compute_pct']:+.1f}%) | {r['geod_step_ms']:.1f} "
+                     f"({r['overhead_step_pct']:+.1f}%) | {r['pairs_per_s_step']:.0f} | {r['data_wait_ms']:.1f} | "
+                     f"{data} | {per_image} | {r['plain_peak_gib']:.1f} / {r['geod_peak_gib']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--students", default=",".join(STUDENTS), help="comma-separated, from: " + ", ".join(STUDENTS)
+                        + "; NAME@N runs NAME at N pairs per step")
+    parser.add_argument("--batch", type=int, default=0, help="pairs per step (0 = each student's default)")
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--workers-max", type=int, default=0, help="also time the loader alone with this many")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--pairs", type=int, default=1024, help="pairs in the synthetic dataset")
+    parser.add_argument("--image", default="480x640", help="HxW of the JPEGs on disk")
+    parser.add_argument("--data-dir", default=None, help="where to build (or reuse) the dataset")
+    parser.add_argument("--out", default=None, help="results JSON")
+    parser.add_argument("--profile", default="", help="students to run torch.profiler on (comma-separated)")
+    parser.add_argument("--smoke", action="store_true", help="tiny widths and sizes, to check the script")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    import torch
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    args.workers_max = args.workers_max or args.workers
+    height, width = (int(v) for v in args.image.split("x"))
+    root = Path(args.data_dir or Path(tempfile.gettempdir()) / "geod-bench-distill")
+    start = time.perf_counter()
+    args.dataset = build_dataset(root, args.pairs, height, width)
+    print(f"dataset {args.dataset} ready in {time.perf_counter() - start:.1f}s", flush=True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        print(f"device {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    import transformers
+
+    print(f"transformers {transformers.__version__}", flush=True)
+    results = []
+    for name in args.students.split(","):
+        try:
+            results.append(bench_student(name, args, device))
+        except Exception as exc:  # a missing optional package or an OOM must not lose the other students
+            print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+            results.append({"student": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        gc.collect()  # the student's model and optimizer go before the next one is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    table = _table(results)
+    print(table, flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                              "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
