@@ -326,10 +326,15 @@ def create_student(cfg: StudentConfig) -> Student:
         tower = model.float()
     kind = TOWER_KINDS["timm"] if family == "timm" else tower_kind_for(tower, where)
     geometry = kind.geometry(tower)
-    image_size = cfg.image_size or processor_image_size(processor, kind, geometry, where)
+    multiple = geometry.size_multiple
+    image_size = cfg.image_size
+    if image_size is None:
+        # A processor size that is no multiple of the patch (SigLIP so400m: 384 px, patch 14) makes the tower's
+        # patch conv drop the last pixels; resizing to the multiple below keeps every pixel and exact coordinates.
+        height, width = processor_image_size(processor, kind, geometry, where)
+        image_size = (max(height // multiple, 1) * multiple, max(width // multiple, 1) * multiple)
     preprocessing = _preprocessing(processor, image_size, where)
     height, width = preprocessing.image_size
-    multiple = geometry.size_multiple
     if height % multiple or width % multiple:
         raise StudentError(f"{where}: image size {height}x{width} is not a multiple of its patch size "
                            f"{multiple}; choose student.image_size accordingly")

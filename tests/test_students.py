@@ -63,6 +63,20 @@ def test_preprocess_resizes_and_normalises_with_the_processor_config(tmp_path):
     assert torch.allclose(pixels[0, :, 5, 7], torch.tensor(expected), atol=1e-5)
 
 
+def test_a_processor_size_off_the_patch_grid_is_rounded_down_to_whole_patches(tmp_path):
+    student = create_student(StudentConfig(name_or_path="tiny-siglip"))
+    save_base(student, tmp_path / "model")
+    processor = json.loads((tmp_path / "model" / "preprocessor_config.json").read_text())
+    patch = student.patch_size
+    processor["size"] = {"height": 4 * patch + patch // 2, "width": 6 * patch + patch - 1}
+    (tmp_path / "model" / "preprocessor_config.json").write_text(json.dumps(processor))
+    loaded = create_student(StudentConfig(name_or_path=str(tmp_path / "model")))
+    assert loaded.image_size == (4 * patch, 6 * patch)
+    assert loaded.preprocess([np.zeros((10, 10, 3), np.uint8)]).shape[-2:] == (4 * patch, 6 * patch)
+    with pytest.raises(StudentError, match="not a multiple"):  # an explicit size is taken as given
+        create_student(StudentConfig(name_or_path=str(tmp_path / "model"), image_size=(4 * patch + 1, 6 * patch)))
+
+
 def test_saved_tower_loads_back_identically(tmp_path):
     student = create_student(StudentConfig(name_or_path="tiny-clip", seed=7))
     save_base(student, tmp_path / "clip")
