@@ -19,10 +19,11 @@ Per student, with bf16 autocast on CUDA as geod trains, B pairs = 2B images per 
 (a) plain: the student with geod's LoRA (same target modules and layers) but no bottleneck adapters or
     heads, forward + backward of mean(square(fed-layer features)) on 2B images already on the GPU;
 (b) geod compute: `train.train_step` (DistillModel forward with all four losses, heads, backward, grad clip,
-    AdamW step) on one real batch already on the GPU, repeated;
+    AdamW step) on one real batch already on the GPU, repeated; set up as `geod distill` does on CUDA: fused
+    AdamW, the loss section compiled (`--compile off`: eager) on batches padded to data.max_matches;
 (c) geod step: the same, fed by geod's PairStream / DataLoader (pinned memory, workers) from a synthetic
     target dataset on local disk (640x480 JPEGs; targets from bench_format.synthetic_pair through the
-    shard writer), as `geod distill` feeds it;
+    shard writer), as `geod distill` feeds it (workers send uint8 pixels, normalised on the GPU);
 (d) data alone: the DataLoader's rate with nothing on the GPU (at --workers and at --workers-max).
 The overhead reported is (c) / (a) - 1 and (b) / (a) - 1 in time per step. A breakdown of (b) with CUDA
 events (encoder forward, losses, backward, clip + optimizer) shows where the geod-only time goes.
@@ -230,14 +231,22 @@ def bench_student(label: str, args, device) -> dict:
     student = model.student
     pairs = cfg.data.batch_size
     params = [p for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    optimizer = train.make_optimizer(params, cfg.optim, device)
     use_bf16 = device.type == "cuda"
+    # As `geod distill` sets it up on CUDA: a compiled loss section fed batches padded to data.max_matches, and
+    # uint8 pixels from the workers normalised on the GPU.
+    compiled = device.type == "cuda" and args.compile == "on"
+    raw = device.type == "cuda"
+    if compiled:
+        model.compile_losses()
     height, width = student.image_size
     result = {"student": label, "pairs_per_step": pairs, "images_per_step": 2 * pairs, "image_size": [height, width],
               "encoder_blocks_run": student.num_layers, "tower_blocks": student.tower_layers,
               "lora_layers": list(cfg.student.lora_layers), "adapter_dim": cfg.student.adapter_dim,
               "trainable_params": sum(p.numel() for p in params),
-              "tower_params": sum(p.numel() for p in student.base_model().parameters())}
+              "tower_params": sum(p.numel() for p in student.base_model().parameters()),
+              "compiled_losses": compiled, "fused_adamw": bool(optimizer.defaults.get("fused")),
+              "uint8_pixels": raw}
     print(f"[{label}] built in {time.perf_counter() - started:.1f}s: {result}", flush=True)
 
     # (a) plain: LoRA only (the bottleneck adapters are bypassed), trivial loss on the fed layer.
@@ -261,10 +270,10 @@ def bench_student(label: str, args, device) -> dict:
     result["plain_peak_gib"] = _peak_gib(device)
 
     # One real batch from geod's loader, kept on the GPU for (b).
-    stream = PairStream(cfg.data, student.preprocessing)
+    stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=compiled)
     stream.set_position(0, 0)
     first = iter(make_loader(stream, pin_memory=device.type == "cuda"))
-    batch = train._to_device(next(first), device)
+    batch = train._to_device(next(first), device, student.preprocessing)
     del first  # shuts its workers down before anything is timed
     step_no = [0]
 
@@ -279,6 +288,10 @@ def bench_student(label: str, args, device) -> dict:
         return values
 
     _peak_reset(device)
+    t0 = time.perf_counter()
+    geod_step(batch)  # a compiled loss section is compiled here
+    _sync(device)
+    result["first_step_s"] = time.perf_counter() - t0
     result["geod_compute_ms"] = 1e3 * _time_loop(lambda: geod_step(batch), args.warmup, args.steps, device)
     result["geod_peak_gib"] = _peak_gib(device)
     result["losses"] = geod_step(batch)
@@ -292,7 +305,7 @@ def bench_student(label: str, args, device) -> dict:
 
     def fed_step() -> None:
         t0 = time.perf_counter()
-        b = train._to_device(next(batches), device)
+        b = train._to_device(next(batches), device, student.preprocessing)
         waits.append(time.perf_counter() - t0)
         geod_step(b)
 
@@ -305,7 +318,8 @@ def bench_student(label: str, args, device) -> dict:
     result["pairs_per_s_step"] = 1e3 * pairs / result["geod_step_ms"]
 
     # (d) the data alone, nothing on the GPU: one process's cost per image and per batch, then DataLoaders.
-    result.update(_data_alone(cfg, student.preprocessing, args, device))
+    if not args.skip_data:
+        result.update(_data_alone(cfg, student.preprocessing, args, device))
     result["seconds"] = time.perf_counter() - started
     print(f"[{label}] {json.dumps(result)}", flush=True)
     return result
@@ -316,7 +330,8 @@ def _data_alone(cfg, preprocessing, args, device) -> dict:
     from PIL import Image
 
     out = {}
-    stream = PairStream(cfg.data, preprocessing)
+    raw = device.type == "cuda"  # what the workers send on CUDA: resized uint8 pixels
+    stream = PairStream(cfg.data, preprocessing, raw_pixels=raw)
     index, source = stream.index, stream.source
     parts = {"read_verify_decode": [], "resize": [], "normalise": []}
     height, width = preprocessing.image_size
@@ -343,7 +358,7 @@ def _data_alone(cfg, preprocessing, args, device) -> dict:
     out["data_ms_per_batch_one_process"] = 1e3 * (time.perf_counter() - start) / max(timed, 1)
     del it
     for workers in sorted({args.workers, args.workers_max}):
-        alone = PairStream(dataclasses.replace(cfg.data, workers=workers), preprocessing)
+        alone = PairStream(dataclasses.replace(cfg.data, workers=workers), preprocessing, raw_pixels=raw)
         alone.set_position(0, 0)
         count = alone.batches_per_epoch(0)
         loader = iter(make_loader(alone, pin_memory=device.type == "cuda"))
@@ -404,8 +419,7 @@ def _breakdown(model, batch, optimizer, params, cfg, cv_grid, device, use_bf16, 
             feats = model.features(pixels, match=loss_cfg.w_ap > 0, depth=loss_cfg.w_depth + loss_cfg.w_rank > 0,
                                    cost=loss_cfg.w_kl > 0)
             mark()
-            with torch.autocast(device_type=device.type, enabled=False):
-                parts = model._losses({k: v.float() for k, v in feats.items()}, batch, loss_cfg, cv_grid)
+            parts = model.losses_of(feats, batch, loss_cfg, cv_grid)
         mark()
         parts["total"].backward()
         mark()
@@ -435,7 +449,7 @@ def _table(results: list[dict]) -> str:
             lines.append(f"| {r['student']} | error: {r['error']} |||||||| ")
             continue
         data = ", ".join(f"{v:.0f} (w{k.rsplit('w', 1)[1]})" for k, v in r.items() if k.startswith("data_pairs"))
-        per_image = ", ".join(f"{v:.1f}" for v in r["data_ms_per_image"].values())
+        per_image = ", ".join(f"{v:.1f}" for v in r.get("data_ms_per_image", {}).values()) or "-"
         lines.append(f"| {r['student']} {r['image_size'][0]}px | {r['pairs_per_step']} | {r['plain_ms']:.1f} | "
                      f"{r['geod_compute_ms']:.1f} ({r['overhead_compute_pct']:+.1f}%) | {r['geod_step_ms']:.1f} "
                      f"({r['overhead_step_pct']:+.1f}%) | {r['pairs_per_s_step']:.0f} | {r['data_wait_ms']:.1f} | "
@@ -459,6 +473,9 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="students to run torch.profiler on (comma-separated)")
     parser.add_argument("--smoke", action="store_true", help="tiny widths and sizes, to check the script")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", choices=("on", "off"), default="on",
+                        help="torch.compile the loss section on CUDA (geod distill's run.compile)")
+    parser.add_argument("--skip-data", action="store_true", help="leave out (d), the loader timed alone")
     args = parser.parse_args()
 
     import torch

@@ -221,6 +221,7 @@ def distill(
     if config is None and resume and (out / "config.json").exists():
         config = out / "config.json"  # resume with the run's own resolved config unless told otherwise
     data = _config_dict(config)
+    data.get("run", {}).pop("stop_after_steps", None)  # a per-invocation limit: never inherited on resume
     data.setdefault("data", {})["shards"] = shards
     data.setdefault("run", {}).update(out=str(out), resume=resume, overwrite=overwrite)
     _set_missing(data, "student", "name_or_path", student)

@@ -206,6 +206,7 @@ class RunConfig:
     log_every: int = 10
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
+    compile: bool = True  # on CUDA, torch.compile the heads + losses (static shapes); ignored on CPU
     resume: bool = False
     overwrite: bool = False
     stop_after_steps: int | None = None  # end this invocation early (with a checkpoint), e.g. for job limits

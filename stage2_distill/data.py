@@ -129,8 +129,10 @@ class PairSource:
                                  f"sha256 differs from the index")
         return decode_image(data, ref)
 
-    def pixels(self, ref: str, sha256: str | None) -> np.ndarray:
-        return self.preprocessing(self.image(ref, sha256))
+    def pixels(self, ref: str, sha256: str | None, *, raw: bool = False) -> np.ndarray:
+        """3xHxW float32 normalised pixels, or (raw) the resized 3xHxW uint8 ones for `normalise_tensor`."""
+        image = self.image(ref, sha256)
+        return self.preprocessing.resize_only(image) if raw else self.preprocessing(image)
 
 
 def _image_base(dataset, shards: str, image_root: str | None) -> str:
@@ -160,13 +162,14 @@ def scene_scale(depth_a: np.ndarray) -> float:
 
 
 def collate_pairs(rows: list[dict[str, np.ndarray]], pixels_a: list[np.ndarray], pixels_b: list[np.ndarray],
-                  max_matches: int, rng: np.random.Generator) -> dict:
-    """One batch: pixel tensors, matches padded to the batch's largest kept count with `mask`, cost volumes.
+                  max_matches: int, rng: np.random.Generator, *, pad_to_max: bool = False) -> dict:
+    """One batch: pixel tensors, matches padded to the batch's largest kept count (or, with `pad_to_max`, to
+    `max_matches`: the same shapes every step) with `mask`, cost volumes.
 
     Every pair keeps a random subset of at most `max_matches` of its valid matches, in random order.
     """
     picks = [subsample_matches(int(r["match_count"]), max_matches, rng) for r in rows]
-    width = max(1, max(len(p) for p in picks))
+    width = max_matches if pad_to_max else max(1, max(len(p) for p in picks))
     size = len(rows)
     out = {"mask": np.zeros((size, width), bool)}
     shapes = {"xy_a": ("match_xy_a", 2), "xy_b": ("match_xy_b", 2), "depth_a": ("match_depth_a", None),
@@ -193,10 +196,19 @@ def collate_pairs(rows: list[dict[str, np.ndarray]], pixels_a: list[np.ndarray],
 
 
 class PairStream(IterableDataset):
-    """Seeded, resumable, rank- and worker-split stream of collated batches (use with batch_size=None)."""
+    """Seeded, resumable, rank- and worker-split stream of collated batches (use with batch_size=None).
 
-    def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, *, rank: int = 0, world_size: int = 1) -> None:
+    raw_pixels: batches carry the resized images as uint8 [B, 3, H, W] instead of normalised float32; the
+    consumer normalises them with `preprocessing.normalise_tensor` (same values), e.g. on the GPU.
+    pad_matches: matches are padded to cfg.max_matches in every batch (static shapes for a compiled step;
+    the losses are the same, padding is masked).
+    """
+
+    def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, *, rank: int = 0, world_size: int = 1,
+                 raw_pixels: bool = False, pad_matches: bool = False) -> None:
         super().__init__()
+        self.raw_pixels = raw_pixels
+        self.pad_matches = pad_matches
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         self.cfg = cfg
@@ -261,10 +273,10 @@ class PairStream(IterableDataset):
                 cache[block] = self.source.read_block(index.blocks[block])
             offset = int(index.row[position]) - index.blocks[block][1]
             rows.append({name: values[offset] for name, values in cache[block].items()})
-            pixels_a.append(self.source.pixels(index.image_a[position], index.sha_a[position]))
-            pixels_b.append(self.source.pixels(index.image_b[position], index.sha_b[position]))
+            pixels_a.append(self.source.pixels(index.image_a[position], index.sha_a[position], raw=self.raw_pixels))
+            pixels_b.append(self.source.pixels(index.image_b[position], index.sha_b[position], raw=self.raw_pixels))
         rng = np.random.default_rng([self.cfg.seed, self.epoch, _MATCHES, stream, local])
-        batch = collate_pairs(rows, pixels_a, pixels_b, self.cfg.max_matches, rng)
+        batch = collate_pairs(rows, pixels_a, pixels_b, self.cfg.max_matches, rng, pad_to_max=self.pad_matches)
         batch["pair_id"] = [index.pair_id[p] for p in positions.tolist()]
         return batch
 

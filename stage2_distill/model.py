@@ -24,6 +24,11 @@ from geod.stage2_distill.students import Student
 from torch import nn
 
 
+# What the losses read from a batch (pixels and pair ids stay outside the compiled loss section).
+LOSS_INPUTS = ("mask", "xy_a", "xy_b", "depth_a", "depth_b", "points_a", "points_b", "scene_scale",
+               "cv_ab_index", "cv_ab_prob", "cv_ab_valid", "cv_ba_index", "cv_ba_prob", "cv_ba_valid")
+
+
 def sample_grid(grid: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """Bilinear samples of a [B, D, h, w] grid at normalised (u, v) points [B, N, 2] -> [B, N, D].
 
@@ -104,6 +109,7 @@ class DistillModel(nn.Module):
         self.cfg = cfg
         self.refine, self.depth_head = build_heads(student, cfg)
         mark_trainable(self)
+        self._compiled_losses = None
 
     def features(self, pixel_values: torch.Tensor, *, match: bool = True, depth: bool = True,
                  cost: bool = True, preserve: int | None = None) -> dict[str, torch.Tensor]:
@@ -152,12 +158,28 @@ class DistillModel(nn.Module):
                               preserve=layer)
         if layer is not None:
             feats["preserve_base"] = self.base_grid(pixels, layer)
+        return self.losses_of(feats, batch, loss_cfg, cv_grid)
+
+    def losses_of(self, feats: dict, batch: dict, loss_cfg: LossConfig, cv_grid: tuple[int, int]) -> dict:
+        """The loss parts of `features` output (compiled after `compile_losses`)."""
+        targets = {k: v for k, v in batch.items() if k in LOSS_INPUTS}
+        if self._compiled_losses is not None:
+            return self._compiled_losses(feats, targets, loss_cfg, cv_grid)
+        return self._float_losses(feats, targets, loss_cfg, cv_grid)
+
+    def compile_losses(self, **options) -> None:
+        """Run the heads and losses through torch.compile (static shapes: feed batches padded to one match
+        count, see PairStream's pad_matches). Eager, they launch a few hundred small kernels per step, which
+        bounds small students by the host rather than the GPU."""
+        self._compiled_losses = torch.compile(self._float_losses, dynamic=False, **options)
+
+    def _float_losses(self, feats: dict, batch: dict, loss_cfg: LossConfig, cv_grid: tuple[int, int]) -> dict:
         # The encoder may run under bf16 autocast; the losses (sharp temperatures, 0.01 on cosines) may not.
-        with torch.autocast(device_type=batch["pixel_a"].device.type, enabled=False):
+        with torch.autocast(device_type=batch["mask"].device.type, enabled=False):
             return self._losses({k: v.float() for k, v in feats.items()}, batch, loss_cfg, cv_grid)
 
     def _losses(self, feats: dict, batch: dict, loss_cfg: LossConfig, cv_grid: tuple[int, int]) -> dict:
-        pairs = batch["pixel_a"].shape[0]
+        pairs = batch["mask"].shape[0]
         mask = batch["mask"]
         # Scene normalisation: 0.1 then means 10% of the pair's median match depth, for any teacher's units.
         scale = batch["scene_scale"].float()[:, None]
@@ -166,24 +188,26 @@ class DistillModel(nn.Module):
         zero = next(p for p in self.parameters() if p.requires_grad).sum() * 0
         parts = {"ap": zero, "depth": zero, "rank": zero, "kl": zero, "preserve": zero}
 
+        # Both views are sampled in one call each (the grids hold A's images then B's, in the same order as
+        # the keypoints): half the kernel launches, the same per-point values.
+        xy = torch.cat([batch["xy_a"], batch["xy_b"]])
         if "match" in feats:
             # The method's order: refined grid -> bilinear sample -> L2-normalise (normalising the grid first
             # would reweight the bilinear neighbours by their norms).
-            match = feats["match"]
-            fa = nn.functional.normalize(sample_grid(match[:pairs], batch["xy_a"]), dim=-1)
-            fb = nn.functional.normalize(sample_grid(match[pairs:], batch["xy_b"]), dim=-1)
+            matched = nn.functional.normalize(sample_grid(feats["match"], xy), dim=-1)
+            fa, fb = matched[:pairs], matched[pairs:]
             parts["ap"] = losses.smooth_ap_loss(fa, fb, points_a, points_b, mask,
                                                 temperature=loss_cfg.ap_temperature,
                                                 neg_distance=loss_cfg.neg_distance)
         if "depth" in feats:
-            da = sample_grid(feats["depth"][:pairs], batch["xy_a"])
-            db = sample_grid(feats["depth"][pairs:], batch["xy_b"])
+            sampled = sample_grid(feats["depth"], xy)
+            da, db = sampled[:pairs], sampled[pairs:]
             if loss_cfg.w_depth > 0:
                 parts["depth"] = losses.cross_view_depth_loss(self.depth_head, da, db, depth_a, depth_b, mask)
             if loss_cfg.w_rank > 0:
                 # Matches come in random order, so a prefix is a random subset (the loss is N^2 in memory).
                 keep = slice(0, loss_cfg.rank_points or None)
-                parts["rank"] = losses.ranking_loss(self.depth_head, torch.cat([da[:, keep], db[:, keep]]),
+                parts["rank"] = losses.ranking_loss(self.depth_head, sampled[:, keep],
                                                     torch.cat([depth_a[:, keep], depth_b[:, keep]]),
                                                     torch.cat([mask[:, keep], mask[:, keep]]),
                                                     min_gap=loss_cfg.rank_min_gap)

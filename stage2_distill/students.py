@@ -60,20 +60,43 @@ class Preprocessing:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 RGB -> 3xHxW float32, ready for the student."""
+        image = self._resized(image)
+        if image.dtype != np.uint8:
+            pixels = self._normalise(image.astype(np.float32))
+            return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        # A uint8 channel has 256 values: normalise those once (the same float32 operations, so the same
+        # bits) and look every pixel up, about twice as fast as the arithmetic on the whole image.
+        table = self.table()
+        planes = np.ascontiguousarray(image.transpose(2, 0, 1))
+        return np.stack([np.take(table[:, c], planes[c]) for c in range(3)])
+
+    def resize_only(self, image: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 RGB -> 3xHxW uint8 at the student's size, not yet normalised (see `normalise_tensor`)."""
+        if image.dtype != np.uint8:
+            raise ValueError(f"Preprocessing.resize_only expects uint8 pixels, got {image.dtype}")
+        return np.ascontiguousarray(self._resized(image).transpose(2, 0, 1))
+
+    def table(self) -> np.ndarray:
+        """[256, 3] float32: the normalised value of each uint8 level per channel."""
+        return self._normalise(np.arange(256, dtype=np.float32)[:, None])
+
+    def normalise_tensor(self, pixels):
+        """uint8 pixels [..., 3, H, W] (a torch tensor, any device) -> float32, bitwise equal to `__call__`:
+        the same table, looked up where the pixels are."""
+        import torch
+
+        table = torch.from_numpy(np.ascontiguousarray(self.table().T)).to(pixels.device)  # [3, 256]
+        offsets = (torch.arange(3, device=pixels.device) * 256).view(3, 1, 1)
+        return torch.take(table, pixels.long() + offsets)
+
+    def _resized(self, image: np.ndarray) -> np.ndarray:
         from PIL import Image
 
         height, width = self.image_size
         if image.shape[:2] != (height, width):
             resized = Image.fromarray(image).resize((width, height), resample=Image.Resampling(self.resample))
             image = np.asarray(resized)
-        if image.dtype != np.uint8:
-            pixels = self._normalise(image.astype(np.float32))
-            return np.ascontiguousarray(pixels.transpose(2, 0, 1))
-        # A uint8 channel has 256 values: normalise those once (the same float32 operations, so the same
-        # bits) and look every pixel up, about twice as fast as the arithmetic on the whole image.
-        table = self._normalise(np.arange(256, dtype=np.float32)[:, None])  # [256, 3]
-        planes = np.ascontiguousarray(image.transpose(2, 0, 1))
-        return np.stack([np.take(table[:, c], planes[c]) for c in range(3)])
+        return image
 
     def _normalise(self, values: np.ndarray) -> np.ndarray:
         """float32 values [..., 3] -> (values * rescale_factor - mean) / std, per channel."""
@@ -164,10 +187,14 @@ class Student(nn.Module):
 
     def final_norm(self, grid: torch.Tensor) -> torch.Tensor:
         """Apply the tower's final norm over the channel axis of a [B, D, h, w] grid."""
+        # Channels last as [B, h, w, D]: block grids are views of [B, h*w, D] tokens, so this is contiguous and
+        # the norm reads it in place (a transpose of h and w would force a strided copy); the same values.
+        channels_last = grid.permute(0, 2, 3, 1)
         if self.final_norm_path is None:
-            return nn.functional.layer_norm(grid.transpose(1, -1), (grid.shape[1],)).transpose(1, -1)
-        norm = self.base_model().get_submodule(self.final_norm_path)
-        return norm(grid.transpose(1, -1)).transpose(1, -1)
+            normed = nn.functional.layer_norm(channels_last, (grid.shape[1],))
+        else:
+            normed = self.base_model().get_submodule(self.final_norm_path)(channels_last)
+        return normed.permute(0, 3, 1, 2)
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -96,3 +96,18 @@ def test_extract_exits_non_zero_when_every_pair_failed(tmp_path):
     assert result.returncode == 1
     assert "every pair failed" in result.stderr and "3 pair(s) failed" in result.stderr
     assert (tmp_path / "targets" / "index.parquet").exists()  # the failures themselves are recorded
+
+
+def test_distill_resume_continues_the_run_with_its_own_config(tmp_path):
+    from distill_helpers import make_target_dataset
+
+    shards = make_target_dataset(tmp_path / "targets")
+    common = ["--shards", str(shards), "--out", "run"]
+    first = _geod("distill", *common, "--steps", "4", "--workers", "0", "--device", "cpu",
+                  "--set", "run.stop_after_steps=2", "--set", "run.checkpoint_every=2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "2 steps" in first.stdout
+    resumed = _geod("distill", *common, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "4 steps" in resumed.stdout
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]

@@ -92,6 +92,36 @@ def test_padding_rows_are_zero_when_pairs_have_fewer_matches(tmp_path):
     assert (batch["xy_a"][~batch["mask"]] == 0).all() and (batch["points_b"][~batch["mask"]] == 0).all()
 
 
+def test_padding_to_max_matches_keeps_the_same_matches(tmp_path):
+    path = make_target_dataset(tmp_path, pairs=4, layout={"max_matches": 8, "grid_h": 2, "grid_w": 3, "topk": 2,
+                                                               "depth_h": 2, "depth_w": 3, "pairs_per_shard": 4,
+                                                               "rows_per_chunk": 4},
+                               height=16, width=16, max_shift=7)
+    cfg = _config(path, batch_size=4, max_matches=50, split=None, shuffle_blocks=1)
+    tight = next(iter(make_loader(PairStream(cfg, PREP))))
+    padded = next(iter(make_loader(PairStream(cfg, PREP, pad_matches=True))))
+    width = tight["mask"].shape[1]
+    assert width < 50 and padded["mask"].shape[1] == 50 and not padded["mask"][:, width:].any()
+    for key in ("mask", "xy_a", "xy_b", "depth_a", "depth_b", "points_a", "points_b"):
+        assert torch.equal(padded[key][:, :width], tight[key]), key
+        assert not padded[key][:, width:].any(), key
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_raw_pixels_normalised_afterwards_equal_the_normalised_stream(dataset, workers):
+    # The uint8 pixels a raw stream sends, normalised by the consumer (the GPU in training), are bitwise the
+    # float32 pixels the workers would have sent; everything else in the batch is unchanged.
+    plain = list(make_loader(PairStream(_config(dataset, workers=workers), PREP)))
+    raw = list(make_loader(PairStream(_config(dataset, workers=workers), PREP, raw_pixels=True)))
+    assert len(plain) == len(raw) > 0
+    for a, b in zip(plain, raw):
+        assert b["pixel_a"].dtype == torch.uint8 and b["pixel_a"].shape == a["pixel_a"].shape
+        for key in ("pixel_a", "pixel_b"):
+            assert torch.equal(PREP.normalise_tensor(b[key]), a[key])
+        assert b["pair_id"] == a["pair_id"]
+        assert all(torch.equal(a[k], b[k]) for k in a if k not in ("pixel_a", "pixel_b", "pair_id"))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resuming_at_a_batch_gives_the_rest_of_the_epoch(dataset, workers):
     stream = PairStream(_config(dataset, workers=workers, batch_size=1, seed=5), PREP)

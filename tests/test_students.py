@@ -179,3 +179,19 @@ def test_config_round_trip_overrides_and_validation(tmp_path):
         DataConfig(shards="d", batch_size=0)
     with pytest.raises(ConfigError, match="tiny_overrides"):
         StudentConfig(tiny_overrides={"depth": 3})
+
+
+def test_uint8_pixels_normalised_as_tensors_equal_the_array_path_bitwise():
+    from geod.stage2_distill.students import Preprocessing
+
+    # CLIP's mean and std: values whose float32 arithmetic rounds differently from a float64 one.
+    prep = Preprocessing(image_size=(12, 20), mean=(0.48145466, 0.4578275, 0.40821073),
+                         std=(0.26862954, 0.26130258, 0.27577711))
+    images = [np.random.default_rng(seed).integers(0, 256, (15, 17, 3), dtype=np.uint8) for seed in range(3)]
+    raw = torch.from_numpy(np.stack([prep.resize_only(image) for image in images]))
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 3, 12, 20)
+    expected = torch.from_numpy(np.stack([prep(image) for image in images]))
+    assert torch.equal(prep.normalise_tensor(raw), expected)
+    assert torch.equal(prep.normalise_tensor(raw[0]), expected[0])
+    with pytest.raises(ValueError, match="uint8"):
+        prep.resize_only(images[0].astype(np.float32))

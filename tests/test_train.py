@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from distill_helpers import make_target_dataset
@@ -158,5 +159,108 @@ def test_bf16_autocast_on_cuda_matches_fp32_and_trains(tmp_path):
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     before = [p.detach().clone() for p in params]
     values, grad_norm, applied = train.train_step(model, batch, optimizer, params, cfg, (4, 6), device, 1)
+    assert applied and math.isfinite(grad_norm) and math.isfinite(values["total"])
+    assert any(not torch.equal(b, p) for b, p in zip(before, params))
+
+
+def _padded(batch: dict, width: int) -> dict:
+    """The batch with its matches padded (masked, zero) to `width`, as PairStream's pad_matches sends them."""
+    out = dict(batch)
+    for key in ("mask", "xy_a", "xy_b", "depth_a", "depth_b", "points_a", "points_b"):
+        value = batch[key]
+        pad = torch.zeros((value.shape[0], width - value.shape[1], *value.shape[2:]), dtype=value.dtype)
+        out[key] = torch.cat([value, pad], dim=1)
+    return out
+
+
+def test_compiled_losses_on_padded_matches_equal_the_eager_ones():
+    # run.compile on CUDA: the loss section goes through torch.compile and every batch is padded to
+    # data.max_matches. Checked on CPU with the aot_eager backend (the same captured graph, in one piece).
+    from geod.stage2_distill.config import LossConfig
+    from geod.stage2_distill.students import create_student
+
+    torch.manual_seed(0)
+    student = create_student(StudentConfig(image_size=(32, 48)))
+    cfg = StudentConfig(image_size=(32, 48), lora_layers=(2, 3), adapter_dim=8)
+    model = DistillModel(student, cfg.resolved(student.num_layers, student.image_size)).train()
+    with torch.no_grad():
+        model.refine.conv.weight.normal_(std=0.1)
+    loss_cfg = LossConfig(rank_points=4)
+    batch = _random_batch(2, 6, 24, 4, torch.device("cpu"))
+    batch["mask"][1, 4:] = False
+
+    def run(b: dict) -> tuple[dict, dict]:
+        model.zero_grad(set_to_none=True)
+        parts = model(b, loss_cfg, (4, 6))
+        parts["total"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in parts.items()}, grads
+
+    eager, eager_grads = run(batch)
+    padded, padded_grads = run(_padded(batch, 10))
+    model.compile_losses(backend="aot_eager", fullgraph=True)
+    compiled, compiled_grads = run(_padded(batch, 10))
+    for got, got_grads in ((padded, padded_grads), (compiled, compiled_grads)):
+        for name in eager:
+            assert torch.allclose(got[name], eager[name], rtol=1e-5, atol=1e-7), name
+        assert got_grads.keys() == eager_grads.keys() and len(eager_grads) > 0
+        for name in eager_grads:
+            assert torch.allclose(got_grads[name], eager_grads[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_cpu_runs_neither_compile_nor_fuse_and_uint8_pixels_are_normalised_on_arrival(dataset, tmp_path,
+                                                                                      monkeypatch):
+    from geod.stage2_distill.students import Preprocessing
+
+    def refuse(self, **options):
+        raise AssertionError("the loss section must not be compiled on CPU")
+
+    monkeypatch.setattr(DistillModel, "compile_losses", refuse)
+    summary = train.run_distill(_config(dataset, tmp_path / "run", steps=2))  # run.compile defaults to True
+    assert summary.finished
+    params = [torch.nn.Parameter(torch.ones(3))]
+    assert not train.make_optimizer(params, OptimConfig(), torch.device("cpu")).defaults.get("fused")
+    prep = Preprocessing(image_size=(2, 3), mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    image = np.random.default_rng(0).integers(0, 256, (2, 3, 3), dtype=np.uint8)
+    batch = {"pixel_a": torch.from_numpy(prep.resize_only(image))[None], "pair_id": ["p"],
+             "mask": torch.ones(1, 2, dtype=torch.bool)}
+    moved = train._to_device(batch, torch.device("cpu"), prep)
+    assert moved["pixel_a"].dtype == torch.float32 and torch.equal(moved["pixel_a"][0], torch.from_numpy(prep(image)))
+    assert torch.equal(moved["mask"], batch["mask"]) and moved["pair_id"] == ["p"]
+    with pytest.raises(ValueError, match="Preprocessing"):
+        train._to_device(batch, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_with_compiled_losses_fused_adamw_and_uint8_pixels(tmp_path):
+    # What `geod distill` sets up on CUDA, against the eager float path on the same batch.
+    from geod.stage2_distill.students import create_student
+
+    device = torch.device("cuda")
+    cfg = DistillConfig(data=DataConfig(shards="unused"), run=RunConfig(out=tmp_path),
+                        student=StudentConfig(image_size=(32, 48)), optim=OptimConfig(lr=1e-3, warmup_steps=0))
+    torch.manual_seed(0)
+    student = create_student(cfg.student)
+    model = DistillModel(student, cfg.student.resolved(student.num_layers, student.image_size)).to(device)
+    batch = _random_batch(4, 32, 24, 4, torch.device("cpu"))
+    batch["mask"][1, 20:] = False
+    raw = (torch.rand(2, 4, 3, 32, 48) * 256).to(torch.uint8)
+    batch["pixel_a"], batch["pixel_b"] = raw[0], raw[1]
+    eager_batch = train._to_device(batch, device, student.preprocessing)
+    assert eager_batch["pixel_a"].dtype == torch.float32
+    with torch.no_grad():
+        eager = model(eager_batch, cfg.loss, (4, 6))
+        model.compile_losses()
+        compiled = model(train._to_device(_padded(batch, 40), device, student.preprocessing), cfg.loss, (4, 6))
+    for name in ("ap", "depth", "rank", "kl"):
+        assert compiled[name].item() == pytest.approx(eager[name].item(), rel=1e-4, abs=1e-6), name
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = train.make_optimizer(params, cfg.optim, device)
+    assert optimizer.defaults["fused"]
+    before = [p.detach().clone() for p in params]
+    values, grad_norm, applied = train.train_step(model, train._to_device(_padded(batch, 40), device,
+                                                                          student.preprocessing),
+                                                  optimizer, params, cfg, (4, 6), device, 1)
     assert applied and math.isfinite(grad_norm) and math.isfinite(values["total"])
     assert any(not torch.equal(b, p) for b, p in zip(before, params))
