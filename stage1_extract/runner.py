@@ -8,9 +8,8 @@ Work is pipelined: a thread pool reads, decodes and prepares (`teacher.prepare`,
 pairs and builds targets while `teacher.predict` runs on a batch (two batches at once for teachers that
 allow it, so one batch's host-side work overlaps the next one's device work), and `write_workers` threads
 compress, hash and write finished shards (each shard on its own, so the bytes do not depend on how many
-run at once). A pair
-whose inputs cannot be read, that the teacher rejects or whose targets break the format is recorded as
-failed (zero arrays, its reason in the index) and the run goes on.
+run at once). A pair whose inputs cannot be read, that the teacher rejects or whose targets break the format
+is recorded as failed (zero arrays, its reason in the index) and the run goes on.
 
 `OUT/extract.json` records what determines the shards' content (manifest checksum, teacher identity and
 options, layout, target options); extracting into a directory made with different values is refused unless

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from geod.pipeline.card import DatasetLayout
 from geod.pipeline.errors import ConfigError, TeacherError
 from geod.pipeline.format_spec import FEATURES, dims_for
 from geod.stage1_extract.cost_volume import cost_volume_from_dense, cost_volume_from_flow, nearest_index
@@ -40,13 +41,9 @@ class TargetConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_matches", "grid_h", "grid_w", "topk", "depth_h", "depth_w"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"target option {name} must be >= 1, got {getattr(self, name)}")
-        if self.n_patches > 65535:
-            raise ConfigError(f"grid {self.grid_h}x{self.grid_w} has more than 65535 patches")
-        if self.topk > self.n_patches:
-            raise ConfigError(f"topk {self.topk} exceeds the {self.n_patches} patches of the grid")
+        # The sizes obey the dataset layout's rules; let the layout check them rather than repeat them here.
+        DatasetLayout(max_matches=self.max_matches, grid_h=self.grid_h, grid_w=self.grid_w, topk=self.topk,
+                      depth_h=self.depth_h, depth_w=self.depth_w)
         if not (self.cv_sigma > 0):
             raise ConfigError(f"cv_sigma must be > 0, got {self.cv_sigma}")
 
