@@ -163,6 +163,13 @@ def load_pair(row: PairRow, base_dir: str | Path) -> PairData:
             if disparity.shape != view_a.image.shape[:2]:
                 raise InputReadError(f"{ref}: disparity is {_size(disparity)} but image_a is "
                                      f"{_size(view_a.image)}; they must be equal")
+        with _context(row, "image_b"):
+            # A rectified stereo row maps x_b = x_a - d on the same rows: both images share one size.
+            if view_b.image.shape[:2] != view_a.image.shape[:2]:
+                raise InputReadError(
+                    f"{resolve_ref(row.image_b, base_dir)} is {_size(view_b.image)} but "
+                    f"{resolve_ref(row.image_a, base_dir)} (image_a) is {_size(view_a.image)}; a rectified "
+                    f"stereo pair (disparity_a given) needs images of the same size")
     return PairData(row=row, view_a=view_a, view_b=view_b, disparity_a=disparity, baseline=row.baseline)
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from geod.pipeline.errors import GeodError
+from geod.pipeline.errors import ConfigError, GeodError
 
 app = typer.Typer(
     help="geod: distil 3D geometry from a frozen 3D teacher into a VLM's vision encoder, via cached targets.",
@@ -249,6 +249,9 @@ def evaluate(
     split: str = typer.Option("val", help="Split to evaluate ('all' = every ok pair)."),
     checkpoint: Optional[str] = typer.Option(None, help="With a run directory: a checkpoint step or path."),
     image_size: Optional[str] = typer.Option(None, help="Input size HxW for a base student (runs keep theirs)."),
+    like: Optional[Path] = typer.Option(None, help="Distillation run directory: evaluate a base student at that "
+                                        "run's input size (image_size from RUN/student.json, nothing else), so "
+                                        "base and distilled scores compare like with like."),
     max_pairs: int = typer.Option(200, help="Pairs evaluated, spread over the split."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     draw: Optional[Path] = typer.Option(None, help="Write a PNG of predicted matches (green within 0.10)."),
@@ -258,12 +261,31 @@ def evaluate(
     from geod.stage2_distill.config import EvalConfig
     from geod.stage2_distill.evaluate import evaluate as run_eval
 
+    if like is not None and image_size:
+        raise typer.BadParameter("give either --like or --image-size, not both")
     size = _parse_pair(image_size, "--image-size") if image_size else None
+    if like is not None:
+        size = _run_image_size(like)
     result = run_eval(EvalConfig(
         shards=shards, student=student, split=None if split == "all" else split, checkpoint=checkpoint,
         image_size=size, max_pairs=max_pairs, device=device, draw=draw, out=out,
     ))
     typer.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+def _run_image_size(run: Path) -> tuple[int, int]:
+    """(H, W) a distillation run was trained at, read from its student.json (plain JSON: no torch needed)."""
+    info_file = run / "student.json"
+    try:
+        info = json.loads(info_file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{info_file}: missing; --like takes a distillation run directory") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{info_file}: cannot be read ({error})") from None
+    size = info.get("image_size") if isinstance(info, dict) else None
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise ConfigError(f"{info_file}: 'image_size' must be two positive integers [H, W], got {size!r}")
+    return size[0], size[1]
 
 
 @app.command("export")

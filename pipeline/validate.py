@@ -1,10 +1,11 @@
 """`geod validate`: re-check a whole target dataset and name every problem found.
 
 Checks, in order: the card; the index (columns, types, unique pair_ids, status/reason, positions, counts);
-the shards directory (nothing missing, nothing unlisted, no leftovers of interrupted writers); per shard the
-record (against card and index), the files (per-file size and sha256 against the record, the directory
-checksum against the card), the arrays (dtype, shape, chunking), and the values, read in chunk-aligned
-blocks and checked with vectorised numpy (geod.pipeline.checks). Every message names the shard, the rows
+the shard sizes (full but the last, none empty); the dataset and shards directories (nothing missing,
+nothing unlisted, no leftovers of interrupted writers); per shard the record (against card and index),
+the files (per-file size and sha256 against the record, the directory checksum against the card), the
+arrays (dtype, shape, chunking), and the values, read in chunk-aligned blocks and checked with vectorised
+numpy (geod.pipeline.checks). Every message names the shard, the rows
 and their pair_ids, and the array or file at fault.
 """
 
@@ -55,9 +56,26 @@ def index_problems(index, card: DatasetCard) -> list[str]:
     return problems
 
 
+def shard_size_problems(card: DatasetCard) -> list[str]:
+    """Shards are consecutive blocks of pairs_per_shard pairs: every shard full but the last, none empty."""
+    per = card.layout.pairs_per_shard
+    problems = []
+    for shard, entry in enumerate(card.shards):
+        where = f"card shards[{shard}] ({SHARDS_DIR}/{entry.name})"
+        last = shard == len(card.shards) - 1
+        if not 1 <= entry.pairs <= per:
+            problems.append(f"{where}: {entry.pairs} pairs, expected 1 to {per} (layout.pairs_per_shard)")
+        elif not last and entry.pairs != per:
+            problems.append(f"{where}: {entry.pairs} pairs, but every shard except the last must hold "
+                            f"{per} (layout.pairs_per_shard)")
+    return problems
+
+
 def _listing_problems(location: Location, card: DatasetCard) -> list[str]:
     listed = {s.name for s in card.shards} | {shard_record_name(i) for i in range(len(card.shards))}
-    problems = []
+    # A temporary card or index at the root means a writer stopped between writing and renaming it.
+    problems = [f"{name}: leftover of an interrupted writer" for name in location.list_dir("")
+                if name.startswith(".tmp-")]
     for name in location.list_dir(SHARDS_DIR):
         if name.startswith(".tmp-"):
             problems.append(f"{SHARDS_DIR}/{name}: leftover of an interrupted writer")
@@ -195,6 +213,7 @@ def validate_dataset(path_or_url: str | Path, *, checksums: bool = True, storage
             for shard, entry in enumerate(card.shards):
                 index_rows_by_shard[shard] = rows[offset:offset + entry.pairs]
                 offset += entry.pairs
+    problems += shard_size_problems(card)
     problems += _listing_problems(location, card)
     for shard in range(len(card.shards)):
         problems += _shard_problems(location, card, shard, index_rows_by_shard[shard], checksums)

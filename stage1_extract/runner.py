@@ -76,6 +76,11 @@ class ExtractConfig:
         self.pairs, self.out = Path(self.pairs), Path(self.out)
         if isinstance(self.layout, dict):
             self.layout = DatasetLayout.from_dict(self.layout)
+        # The card checks these too, but only when the run finalises: fail before any extraction work.
+        if not isinstance(self.dataset_version, str) or not self.dataset_version.strip():
+            raise ConfigError(f"dataset_version must be a non-empty string, got {self.dataset_version!r}")
+        if self.licence is not None and not isinstance(self.licence, str):
+            raise ConfigError(f"licence must be a string or None, got {type(self.licence).__name__}")
         if not isinstance(self.teacher_options, dict):
             raise ConfigError(f"teacher_options must be a dict, got {type(self.teacher_options).__name__}")
         if self.batch_size < 1 or self.workers < 1 or self.write_workers < 1:

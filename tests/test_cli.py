@@ -111,3 +111,36 @@ def test_distill_resume_continues_the_run_with_its_own_config(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "4 steps" in resumed.stdout
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_eval_like_takes_the_image_size_of_a_run(tmp_path):
+    import json
+
+    from distill_helpers import make_target_dataset
+    from geod.pipeline.errors import ConfigError
+    from geod.stage2_distill.config import DataConfig, DistillConfig, OptimConfig, RunConfig, StudentConfig
+    from geod.stage2_distill.train import run_distill
+
+    shards = make_target_dataset(tmp_path / "targets", pairs=8, val_every=2)
+    run = tmp_path / "run"
+    run_distill(DistillConfig(
+        data=DataConfig(shards=str(shards), batch_size=4, workers=0, max_matches=24),
+        run=RunConfig(out=run, checkpoint_every=1000, log_every=10, progress=False),
+        student=StudentConfig(image_size=(32, 48)), optim=OptimConfig(warmup_steps=0, max_steps=1)))
+    runner = CliRunner()
+    common = ["eval", "--shards", str(shards), "--student", "tiny-clip", "--max-pairs", "2", "--device", "cpu"]
+    plain = runner.invoke(app, common)
+    assert plain.exit_code == 0, plain.output
+    like = runner.invoke(app, [*common, "--like", str(run)])
+    assert like.exit_code == 0, like.output
+    # tiny-clip's own input is 64x64; --like evaluates the base student at the run's 32x48 instead.
+    assert json.loads(plain.stdout)["image_size"] == [64, 64]
+    assert json.loads(like.stdout)["image_size"] == [32, 48]
+    assert not json.loads(like.stdout)["distilled"]
+
+    both = runner.invoke(app, [*common, "--like", str(run), "--image-size", "32x48"])
+    assert both.exit_code == 2 and "either --like or --image-size" in both.output
+    not_a_run = runner.invoke(app, [*common, "--like", str(tmp_path / "targets")])
+    assert isinstance(not_a_run.exception, ConfigError)
+    assert str(not_a_run.exception) == f"{tmp_path / 'targets' / 'student.json'}: missing; --like takes a " \
+                                       f"distillation run directory"

@@ -248,3 +248,16 @@ def test_a_second_extraction_into_the_same_directory_is_refused_while_the_first_
             os.close(handle)
     with exclusive_directory_lock(out, what="geod extract"):  # released: free again
         pass
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("dataset_version", 1, "dataset_version must be a non-empty string"),
+    ("dataset_version", "  ", "dataset_version must be a non-empty string"),
+    ("licence", 3, "licence must be a string or None"),
+])
+def test_release_fields_are_checked_before_extraction(tmp_path, field, value, message):
+    # Checked in the config, so a bad value fails before any pair is read or written.
+    with pytest.raises(ConfigError, match=message):
+        ExtractConfig(pairs=tmp_path / "pairs.parquet", out=tmp_path / "out", layout=DatasetLayout(**LAYOUT),
+                      **{field: value})
+    assert not (tmp_path / "out").exists()

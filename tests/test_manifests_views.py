@@ -168,3 +168,16 @@ def test_load_pair_errors_name_row_field_and_file(a_pair_dir):
     with pytest.raises(InputReadError, match=r"field 'disparity_a': .*disp\.npy: disparity is 31x24 but image_a "
                                              r"is 32x24"):
         load_pair(stereo, manifest.base_dir)
+
+
+def test_stereo_images_must_share_one_size(a_pair_dir):
+    root, image, _ = a_pair_dir
+    manifest = load_manifest(root / "pairs.parquet")
+    stereo = manifest.rows[1]
+    data = root / "data"
+    (data / "b.jpg").write_bytes(_jpeg(image[:20]))  # 32x20 next to a 32x24 image_a
+    with pytest.raises(InputReadError) as info:
+        load_pair(stereo, manifest.base_dir)
+    assert str(info.value) == (
+        f"row 1 (pair_id 'stereo'), field 'image_b': {data / 'b.jpg'} is 32x20 but {data / 'a.png'} (image_a) "
+        f"is 32x24; a rectified stereo pair (disparity_a given) needs images of the same size")

@@ -229,3 +229,32 @@ def test_damage_is_found_through_an_fsspec_url(dataset):
     assert problems[0].startswith("shard 0 (shards/shard-00000.zarr), file cv_ab_prob/c/0/0/0 (array "
                                   "'cv_ab_prob' rows 0-3 (pair_id 'pair-000' .. 'pair-003')): sha256 mismatch")
     assert any("array 'cv_ab_prob': cannot be decoded" in p for p in problems)
+
+
+@pytest.mark.parametrize("sizes, expected", [
+    ((7, 4), "card shards[0] (shards/shard-00000.zarr): 7 pairs, but every shard except the last must hold 8 "
+             "(layout.pairs_per_shard)"),
+    ((9, 2), "card shards[0] (shards/shard-00000.zarr): 9 pairs, expected 1 to 8 (layout.pairs_per_shard)"),
+    ((8, 3, 0), ["card shards[1] (shards/shard-00001.zarr): 3 pairs, but every shard except the last must hold 8 "
+                 "(layout.pairs_per_shard)",
+                 "card shards[2] (shards/shard-00002.zarr): 0 pairs, expected 1 to 8 (layout.pairs_per_shard)"]),
+])
+def test_shard_sizes_must_follow_the_layout(dataset, sizes, expected):
+    # Sizes keep the card's own totals (11 pairs) consistent: only the layout rule is broken.
+    card = json.loads((dataset / "card.json").read_text())
+    while len(card["shards"]) < len(sizes):
+        card["shards"].append(dict(card["shards"][-1], name=f"shard-{len(card['shards']):05d}.zarr"))
+    for entry, pairs in zip(card["shards"], sizes):
+        entry["pairs"] = pairs
+    card["counts"]["shards"] = len(sizes)
+    (dataset / "card.json").write_text(json.dumps(card))
+    problems = validate_dataset(dataset, checksums=False)
+    expected = expected if isinstance(expected, list) else [expected]
+    assert [p for p in problems if "layout.pairs_per_shard" in p] == expected
+
+
+def test_temporary_files_at_the_root_are_named(dataset):
+    (dataset / ".tmp-card.json-4242").write_text("{}")
+    (dataset / ".tmp-index.parquet-4242").write_bytes(b"")
+    assert validate_dataset(dataset) == [".tmp-card.json-4242: leftover of an interrupted writer",
+                                         ".tmp-index.parquet-4242: leftover of an interrupted writer"]
