@@ -105,7 +105,7 @@ def _targets(seed: int) -> dict:
 def build_dataset(root: Path, pairs: int, height: int, width: int) -> Path:
     """root/targets (default layout) over root/images; reused when already complete."""
     from geod.pipeline.card import DatasetLayout
-    from geod.pipeline.shard_io import finalize_dataset, write_shard
+    from geod.pipeline.shard_io import write_dataset
 
     out = root / "targets"
     stamp = root / f"built-{pairs}-{height}x{width}.json"
@@ -122,14 +122,8 @@ def build_dataset(root: Path, pairs: int, height: int, width: int) -> Path:
              "image_a": f"images/{i:05d}_a.jpg", "image_b": f"images/{i:05d}_b.jpg",
              "image_a_sha256": shas[2 * i], "image_b_sha256": shas[2 * i + 1], "status": "ok", "reason": None}
             for i in range(pairs)]
-    per = layout.pairs_per_shard
-    n_shards = (pairs + per - 1) // per
-    for shard in range(n_shards):
-        part = slice(shard * per, (shard + 1) * per)
-        stacked = {name: np.stack([a[name] for a in arrays[part]]) for name in arrays[0]}
-        write_shard(out, shard, stacked, rows[part], layout)
-    finalize_dataset(out, n_shards=n_shards, layout=layout, teacher={"name": "bench", "scene_units": "metres"},
-                     source={"manifest": None, "manifest_sha256": None, "base_dir": str(root)})
+    write_dataset(out, arrays, rows, layout, teacher={"name": "bench", "scene_units": "metres"},
+                  source={"manifest": None, "manifest_sha256": None, "base_dir": str(root)})
     stamp.write_text("{}")
     return out
 

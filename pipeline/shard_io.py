@@ -347,3 +347,20 @@ def finalize_dataset(root: str | Path, *, n_shards: int, layout: DatasetLayout, 
     )
     write_card(root, card)
     return card
+
+
+def write_dataset(root: str | Path, pairs: list[dict[str, np.ndarray]], rows: list[dict], layout: DatasetLayout,
+                  **card_fields) -> DatasetCard:
+    """Write a whole dataset at once from per-pair arrays and index rows (small datasets: tests, benchmarks).
+
+    Pairs are cut into shards of `layout.pairs_per_shard` in order, then finalised with `card_fields`.
+    """
+    if len(pairs) != len(rows) or not pairs:
+        raise ConfigError(f"write_dataset needs as many index rows as pairs (>= 1), got {len(rows)} and {len(pairs)}")
+    per = layout.pairs_per_shard
+    n_shards = (len(pairs) + per - 1) // per
+    for shard in range(n_shards):
+        part = slice(shard * per, (shard + 1) * per)
+        stacked = {name: np.stack([pair[name] for pair in pairs[part]]) for name in pairs[0]}
+        write_shard(root, shard, stacked, rows[part], layout)
+    return finalize_dataset(root, n_shards=n_shards, layout=layout, **card_fields)

@@ -2,7 +2,7 @@
 
 Each pair is two crops of one random smooth texture, B shifted from A by a known offset, so the targets
 (matches, depths, 3D points, cost volumes) are exact and learnable. Written through the real writer
-(shard_io.write_shard + finalize_dataset) with small PNG images referenced by the index.
+(shard_io.write_dataset) with small PNG images referenced by the index.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from geod.pipeline.card import DatasetLayout
 from geod.pipeline.format_spec import PROB_SCALE, STATUS_FAILED, STATUS_OK
 from geod.pipeline.hashing import sha256_bytes
-from geod.pipeline.shard_io import finalize_dataset, write_shard, zero_arrays
+from geod.pipeline.shard_io import write_dataset, zero_arrays
 from PIL import Image
 
 SMALL_LAYOUT = {"max_matches": 24, "grid_h": 4, "grid_w": 6, "topk": 4, "depth_h": 4, "depth_w": 6,
@@ -117,13 +117,6 @@ def make_target_dataset(root: Path, *, pairs: int = 20, height: int = 32, width:
             row.update(status=STATUS_OK, reason=None)
             arrays.append(_pair_targets(rng, layout, height, width, (dx, dy), depth_field))
         rows.append(row)
-    per = layout.pairs_per_shard
-    n_shards = (pairs + per - 1) // per
-    for shard in range(n_shards):
-        chunk = slice(shard * per, (shard + 1) * per)
-        stacked = {name: np.stack([a[name] for a in arrays[chunk]]) for name in arrays[0]}
-        write_shard(out, shard, stacked, rows[chunk], layout)
-    finalize_dataset(out, n_shards=n_shards, layout=layout,
-                     teacher={"name": "toy-shift", "scene_units": "relative"},
-                     source={"manifest": None, "manifest_sha256": None, "base_dir": str(root)})
+    write_dataset(out, arrays, rows, layout, teacher={"name": "toy-shift", "scene_units": "relative"},
+                  source={"manifest": None, "manifest_sha256": None, "base_dir": str(root)})
     return out

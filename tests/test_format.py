@@ -336,3 +336,19 @@ def test_match_coordinates_keep_sub_pixel_precision_at_2048_px(tmp_path, b_layou
     finalize_dataset(tmp_path, n_shards=1, layout=b_layout, teacher={"name": "t", "scene_units": "metres"})
     stored = TargetDataset.open(tmp_path).read_rows(0, 0, 4, names=["match_xy_a"])["match_xy_a"]
     assert np.abs(stored.astype(np.float64) * 2048 - x)[live].max() <= 0.01
+
+
+def test_write_dataset_cuts_pairs_into_shards_and_finalises(tmp_path, b_layout):
+    from geod.pipeline.reader import TargetDataset
+    from geod.pipeline.shard_io import write_dataset, zero_arrays
+
+    n = b_layout.pairs_per_shard + 3
+    pairs = [{name: value[0] for name, value in zero_arrays(b_layout, 1).items()} for _ in range(n)]
+    rows = [{"pair_id": f"p{i}", "scene_id": "s", "split": None, "image_a": "a.png", "image_b": "b.png",
+             "image_a_sha256": None, "image_b_sha256": None, "status": "failed", "reason": "test"}
+            for i in range(n)]
+    card = write_dataset(tmp_path, pairs, rows, b_layout, teacher={"name": "t", "scene_units": "metres"})
+    assert card.counts.shards == 2 and card.counts.pairs == n and card.counts.failed == n
+    assert TargetDataset.open(tmp_path).index.column("pair_id").to_pylist() == [f"p{i}" for i in range(n)]
+    with pytest.raises(ConfigError, match="as many index rows"):
+        write_dataset(tmp_path / "other", pairs, rows[:-1], b_layout, teacher={"name": "t", "scene_units": "m"})
