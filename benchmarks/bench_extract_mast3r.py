@@ -3,7 +3,7 @@ synthetic images, no downloads).
 
     python benchmarks/bench_extract_mast3r.py --json out.json                   # full size on CUDA
     python benchmarks/bench_extract_mast3r.py --device cpu --tiny --pairs 24 --batch 4 --long-side 64 \
-        --variants none:2 --check-pairs 12                                       # smoke test
+        --variants none:2:2 --check-pairs 12                                     # smoke test
 
 Steps, in one process with one teacher:
 1. writes `--images` smooth random 640x480 JPEGs (quality 95) and a manifest of `--pairs` pairs of them
@@ -12,8 +12,9 @@ Steps, in one process with one teacher:
 3. teacher only: `Mast3rTeacher.predict` on prepared pairs (network + matching + cost volume + copies);
 4. the whole extraction (`run_extract`: decode, prepare, predict, build targets, compress, hash, write,
    finalise) with the default layout (256 pairs per shard), wall-clock from start to card;
-   --variants COMPILE:WORKERS[:SWITCH_MS],... repeats 2-4 per variant, in order (compiling the blocks in place when
-   a variant names a torch.compile mode; "none" variants must come first);
+   --variants COMPILE:WORKERS:LOADERS[:SWITCH_MS],... repeats 2-4 per variant, in order (compiling the blocks in
+   place when a variant names a torch.compile mode; "none" variants must come first; WORKERS target-building
+   threads, LOADERS loader processes, 0 = loading in the threads);
 5. with --check-pairs N: extracts the first N pairs twice, serially (one loader, one predict at a time, one
    writer) and with the benchmark's parallel settings, and checks that every file is byte-identical.
 Reports pairs/s of each, the extraction's share of the network-only throughput, and the peak GPU memory.
@@ -64,6 +65,41 @@ def write_pairs(root: Path, refs: list[str], n_pairs: int, name: str) -> Path:
     return write_manifest(rows, root / name)
 
 
+def steady_rate(out: Path, pairs_per_shard: int) -> float | None:
+    """Pairs/s between the first and the last shard record written (start-up and the tail left out)."""
+    stamps = sorted(p.stat().st_mtime for p in (out / "shards").glob("shard-*.json"))
+    if len(stamps) < 3 or stamps[-1] <= stamps[0]:
+        return None
+    return (len(stamps) - 1) * pairs_per_shard / (stamps[-1] - stamps[0])
+
+
+class UtilisationSampler:
+    """Mean GPU utilisation (NVML's share of time a kernel ran) sampled every 0.1 s in a thread."""
+
+    def __init__(self, device) -> None:
+        import threading
+
+        import torch
+
+        self.samples: list[int] = []
+        self.done = threading.Event()
+
+        def sample() -> None:
+            while not self.done.wait(0.1):
+                try:
+                    self.samples.append(torch.cuda.utilization(device))
+                except Exception:  # noqa: BLE001 - no NVML: report None
+                    return
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> float | None:
+        self.done.set()
+        self.thread.join()
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
 def files_of(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -78,9 +114,9 @@ def main() -> None:
     parser.add_argument("--long-side", type=int, default=512)
     parser.add_argument("--write-workers", type=int, default=3)
     parser.add_argument("--head-precision", default="auto", help="the teacher option (auto = mixed on CUDA)")
-    parser.add_argument("--variants", default="default:6",
-                        help="comma list of COMPILE:WORKERS[:SWITCH_MS] (COMPILE none or a torch.compile mode; "
-                             "SWITCH_MS the runner's switch_interval_ms)")
+    parser.add_argument("--variants", default="default:4:6",
+                        help="comma list of COMPILE:WORKERS:LOADERS[:SWITCH_MS] (COMPILE none or a torch.compile "
+                             "mode; LOADERS the runner's load_processes; SWITCH_MS its switch_interval_ms)")
     parser.add_argument("--match-stride", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--check-pairs", type=int, default=0)
@@ -114,7 +150,7 @@ def main() -> None:
     teacher = Mast3rTeacher(weights="random", size="tiny" if args.tiny else "full", device=args.device,
                             batch_size=args.batch, long_side=args.long_side, head_precision=args.head_precision,
                             match_stride=args.match_stride, compile="none",  # compiled per variant below
-                            cost_grid=(layout.grid_h, layout.grid_w))
+                            **Mast3rTeacher.layout_options(layout))
     with torch.no_grad():  # raw point norms ~1-2: points of a few metres, as the trained heads give
         for head in (teacher.model.downstream_head1, teacher.model.downstream_head2):
             head.dpt.head[-1].weight.mul_(0.2)
@@ -135,29 +171,37 @@ def main() -> None:
     kwargs = dict(cost_temperature=teacher.cfg.cost_temperature, amp_dtype=teacher.amp_dtype,
                   head_precision=teacher.head_precision)
 
-    def extract(manifest_file: Path, out: Path, *, workers: int, serial: bool = False,
+    def extract(manifest_file: Path, out: Path, *, workers: int, loaders: int = 0, serial: bool = False,
                 pairs_per_shard: int | None = None, switch_ms: float | None = None) -> float:
         shutil.rmtree(out, ignore_errors=True)
         shard_layout = layout if pairs_per_shard is None else DatasetLayout(pairs_per_shard=pairs_per_shard)
         cfg = ExtractConfig(pairs=manifest_file, out=out, teacher="mast3r", layout=shard_layout,
                             batch_size=args.batch, workers=1 if serial else workers,
+                            load_processes=0 if serial else loaders,
                             write_workers=1 if serial else args.write_workers, progress=False,
                             switch_interval_ms=switch_ms)
         teacher.concurrent_predict = not serial  # instance attribute: the runner reads it
+        sampler = UtilisationSampler(device) if cuda else None
         begin = time.perf_counter()
         summary = run_extract(cfg, teacher=teacher)
         seconds = time.perf_counter() - begin
+        if sampler is not None:
+            last_gpu_utilisation[:] = [sampler.stop()]
+        last_waits[:] = [summary.waits, steady_rate(out, shard_layout.pairs_per_shard)]
         del teacher.concurrent_predict
         if summary.ok != summary.pairs:
             raise SystemExit(f"{summary.failed} pairs failed")
         return seconds
 
+    last_gpu_utilisation: list[float | None] = [None]
+    last_waits: list = [None, None]
     report["variants"] = []
     compiled = "none"
     for variant in args.variants.split(","):
-        mode, workers, *switch = variant.split(":")
-        workers, switch_ms = int(workers), (float(switch[0]) if switch else None)
-        entry = {"compile": mode, "workers": workers, "write_workers": args.write_workers, "switch_ms": switch_ms}
+        mode, workers, loaders, *switch = variant.split(":")
+        workers, loaders, switch_ms = int(workers), int(loaders), (float(switch[0]) if switch else None)
+        entry = {"compile": mode, "workers": workers, "load_processes": loaders, "write_workers": args.write_workers,
+                 "switch_ms": switch_ms}
         if mode != compiled:
             if compiled != "none":
                 raise SystemExit("--variants: list the 'none' variants first, then one compile mode")
@@ -183,8 +227,10 @@ def main() -> None:
         entry["predict_pairs_per_s"] = args.batch * args.iters / (time.perf_counter() - start)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = extract(manifest_path, work / "out", workers=workers, switch_ms=switch_ms)
+        seconds = extract(manifest_path, work / "out", workers=workers, loaders=loaders, switch_ms=switch_ms)
         entry.update(extract_pairs_per_s=args.pairs / seconds, extract_s=seconds,
+                     gpu_utilisation_mean=last_gpu_utilisation[0], main_loop_waits_s=last_waits[0],
+                     steady_pairs_per_s=last_waits[1],
                      extract_over_network=args.pairs / seconds / network,
                      dataset_bytes=sum(p.stat().st_size for p in (work / "out").rglob("*") if p.is_file()))
         if cuda:
@@ -193,7 +239,9 @@ def main() -> None:
         print(f"variant {variant}: network only (forward_teacher) {network:.1f} pairs/s, teacher.predict "
               f"{entry['predict_pairs_per_s']:.1f} pairs/s, whole extraction {entry['extract_pairs_per_s']:.1f} "
               f"pairs/s ({seconds:.1f} s for {args.pairs} pairs) = {100 * entry['extract_over_network']:.1f} % "
-              f"of the network-only throughput", flush=True)
+              f"of the network-only throughput; GPU busy {entry['gpu_utilisation_mean']}; between the first and "
+              f"the last shard published {entry['steady_pairs_per_s']} pairs/s; main loop waits "
+              f"{entry['main_loop_waits_s']}", flush=True)
         print(json.dumps(entry), flush=True)
 
     if args.check_pairs:
@@ -202,7 +250,7 @@ def main() -> None:
         small = write_pairs(work, refs, args.check_pairs, "check.parquet")
         per_shard = max(layout.rows_per_chunk, args.check_pairs // 3 // layout.rows_per_chunk * layout.rows_per_chunk)
         serial_s = extract(small, work / "serial", workers=1, serial=True, pairs_per_shard=per_shard)
-        parallel_s = extract(small, work / "parallel", workers=workers, pairs_per_shard=per_shard,
+        parallel_s = extract(small, work / "parallel", workers=workers, loaders=loaders, pairs_per_shard=per_shard,
                              switch_ms=switch_ms)
         same = files_of(work / "serial") == files_of(work / "parallel")
         problems = validate_dataset(work / "parallel")

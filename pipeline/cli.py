@@ -120,7 +120,11 @@ def extract(
     pairs_per_shard: int = typer.Option(256, help="Pairs per shard."),
     rows_per_chunk: int = typer.Option(32, help="Pairs per zarr chunk (the streaming read unit)."),
     batch_size: int = typer.Option(8, help="Pairs per teacher call."),
-    workers: int = typer.Option(2, help="Threads reading inputs and building targets."),
+    workers: int = typer.Option(2, help="Threads building targets (and reading inputs without loader processes)."),
+    load_processes: Optional[int] = typer.Option(
+        None, help="Processes reading, decoding and resizing inputs (0: threads; default: half the CPUs, at most 8, "
+                   "or 0 below 4 CPUs)."),
+    write_workers: int = typer.Option(2, help="Shards compressed and written at once."),
     seed: int = typer.Option(0, help="Seed of the match sampling."),
     cv_sigma: float = typer.Option(0.5, help="Width (patches) of cost-volume rows derived from correspondences."),
     dataset_version: str = typer.Option("0.1.0", help="Release version written to the card."),
@@ -142,7 +146,8 @@ def extract(
     )
     cfg = ExtractConfig(
         pairs=pairs, out=out, teacher=teacher, teacher_options=options, layout=layout, batch_size=batch_size,
-        workers=workers, seed=seed, cv_sigma=cv_sigma, dataset_version=dataset_version, licence=licence, overwrite=overwrite,
+        workers=workers, load_processes=load_processes, write_workers=write_workers, seed=seed, cv_sigma=cv_sigma,
+        dataset_version=dataset_version, licence=licence, overwrite=overwrite,
     )
     summary = run_extract(cfg)
     typer.echo(

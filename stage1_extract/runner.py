@@ -4,11 +4,13 @@ Shards are consecutive blocks of `layout.pairs_per_shard` manifest rows. A rerun
 and checksum are complete, deletes torn ones and rebuilds them; since targets depend only on the inputs,
 the teacher and the pair_id-seeded sampling, the result is byte-identical to an uninterrupted run.
 
-Work is pipelined: a thread pool reads, decodes and prepares (`teacher.prepare`, e.g. resizing) the next
-pairs and builds targets while `teacher.predict` runs on a batch (two batches at once for teachers that
-allow it, so one batch's host-side work overlaps the next one's device work), and `write_workers` threads
-compress, hash and write finished shards (each shard on its own, so the bytes do not depend on how many
-run at once). A pair whose inputs cannot be read, that the teacher rejects or whose targets break the format
+Work is pipelined: loader processes (or threads) read, decode and prepare (`teacher.input_preparer`, e.g.
+resizing) the next pairs, a thread pool builds targets while `teacher.predict` runs on a batch (two
+batches at once for teachers that allow it, so one batch's host-side work overlaps the next one's device
+work), the next shard's batches start before the previous shard's last ones are done, and
+`write_workers` threads compress, hash and write finished shards (each shard on its own, so the bytes do
+not depend on how many run at once). Loader processes are spawned: a script calling `run_extract` needs
+the usual `if __name__ == "__main__":` guard. A pair whose inputs cannot be read, that the teacher rejects or whose targets break the format
 is recorded as failed (zero arrays, its reason in the index) and the run goes on.
 
 `OUT/extract.json` records what determines the shards' content (manifest checksum, teacher identity and
@@ -22,10 +24,13 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +54,13 @@ class ExtractConfig:
     pairs: the pair manifest (parquet); out: the target dataset directory (created);
     teacher / teacher_options: registry name and keyword options of the teacher;
     layout: sizes of the targets and shards; batch_size: pairs per `teacher.predict` call;
-    workers: threads reading inputs and building targets; write_workers: shards compressed and written at
-    once (each holds one finished shard in memory); seed: mixed into each pair's match sampling;
+    workers: threads building targets (and reading inputs when there are no loader processes);
+    load_processes: processes reading, decoding and preparing inputs (0: threads do it; None: half the
+    usable CPUs, at most 8, or 0 below 4 CPUs) - decoding in threads competes for the interpreter lock with
+    the thread driving the GPU; write_workers: shards compressed and written at once (each holds one
+    finished shard in memory), in processes when `write_in_processes` (None: when there are loader
+    processes; zarr's writes need the interpreter lock often, and starve the GPU thread of it);
+    seed: mixed into each pair's match sampling;
     cv_sigma: width (patches) of flow-derived cost-volume rows; overwrite: replace a dataset made with other
     settings; verify_existing: re-hash finished shards before skipping them; progress: show a tqdm bar.
     """
@@ -62,7 +72,9 @@ class ExtractConfig:
     layout: DatasetLayout = field(default_factory=DatasetLayout)
     batch_size: int = 8
     workers: int = 2
+    load_processes: int | None = None
     write_workers: int = 2
+    write_in_processes: bool | None = None
     dataset_version: str = "0.1.0"
     licence: str | None = None
     seed: int = 0
@@ -86,9 +98,18 @@ class ExtractConfig:
         if self.batch_size < 1 or self.workers < 1 or self.write_workers < 1:
             raise ConfigError(f"batch_size, workers and write_workers must be >= 1, got {self.batch_size}, "
                               f"{self.workers}, {self.write_workers}")
+        if self.load_processes is not None and self.load_processes < 0:
+            raise ConfigError(f"load_processes must be >= 0 or None (automatic), got {self.load_processes}")
         TargetConfig.from_layout(self.layout, cv_sigma=self.cv_sigma, seed=self.seed)  # validates cv_sigma
         if self.switch_interval_ms is not None and not self.switch_interval_ms > 0:
             raise ConfigError(f"switch_interval_ms must be > 0 or None, got {self.switch_interval_ms}")
+
+
+    def resolved_load_processes(self) -> int:
+        if self.load_processes is not None:
+            return self.load_processes
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return 0 if usable < 4 else min(8, usable // 2)
 
 
 @dataclass(kw_only=True)
@@ -102,6 +123,9 @@ class ExtractSummary:
     shards: int
     shards_written: int
     shards_skipped: int
+    # seconds the run's main loop spent blocked on each stage ("inputs", "teacher", "targets", "writes"):
+    # the stage that dominates is the one to give more workers
+    waits: dict[str, float] = field(default_factory=dict)
 
 
 def run_extract(cfg: ExtractConfig, *, teacher: Teacher | None = None) -> ExtractSummary:
@@ -113,7 +137,7 @@ def run_extract(cfg: ExtractConfig, *, teacher: Teacher | None = None) -> Extrac
 
     manifest = load_manifest(cfg.pairs)
     if teacher is None:
-        teacher = create_teacher(cfg.teacher, **cfg.teacher_options)
+        teacher = create_teacher(cfg.teacher, layout=cfg.layout, **cfg.teacher_options)
     _check_teacher_grid(teacher, cfg.layout)
     targets = TargetConfig.from_layout(cfg.layout, cv_sigma=cfg.cv_sigma, seed=cfg.seed)
     fingerprint = extraction_fingerprint(cfg, manifest.sha256, teacher)
@@ -144,43 +168,105 @@ def _extract_locked(cfg: ExtractConfig, teacher: Teacher, targets: TargetConfig,
     if cfg.switch_interval_ms is not None:
         sys.setswitchinterval(cfg.switch_interval_ms / 1000)
     try:
-        _run_shards(cfg, teacher, targets, manifest, blocks, todo, done, n_predict, shard_io, tqdm)
+        waits = _run_shards(cfg, teacher, targets, manifest, blocks, todo, done, n_predict, shard_io, tqdm)
     finally:
         sys.setswitchinterval(previous_interval)
 
     card = _finalize(cfg, manifest, teacher, n_shards=len(blocks))
     return ExtractSummary(out=cfg.out, pairs=card.counts.pairs, ok=card.counts.ok, failed=card.counts.failed,
-                          shards=card.counts.shards, shards_written=len(todo), shards_skipped=len(blocks) - len(todo))
+                          shards=card.counts.shards, shards_written=len(todo), shards_skipped=len(blocks) - len(todo),
+                          waits=waits)
 
 
 def _run_shards(cfg: ExtractConfig, teacher: Teacher, targets: TargetConfig, manifest, blocks: list, todo: list,
-                done: int, n_predict: int, shard_io, tqdm) -> None:
+                done: int, n_predict: int, shard_io, tqdm) -> dict[str, float]:
+    processes = cfg.resolved_load_processes()
+    write_in_processes = bool(processes) if cfg.write_in_processes is None else cfg.write_in_processes
     with tqdm(total=len(manifest.rows), initial=done, unit="pair", desc=f"extract ({teacher.name})",
               disable=not cfg.progress, dynamic_ncols=True) as bar, \
             ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="geod-extract") as pool, \
+            _process_pool(processes) as loader, \
             ThreadPoolExecutor(max_workers=n_predict, thread_name_prefix="geod-predict") as predictor, \
-            ThreadPoolExecutor(max_workers=cfg.write_workers, thread_name_prefix="geod-write") as writer:
-        stage = _ShardStage(teacher=teacher, targets=targets, base_dir=manifest.base_dir, pool=pool,
-                            predictor=predictor, in_flight=n_predict, batch_size=cfg.batch_size, bar=bar)
-        loads = _prefetch(pool, stage.load, (row for shard in todo for row in blocks[shard]),
-                          depth=(n_predict + 1) * cfg.batch_size + cfg.workers)
+            (_process_pool(cfg.write_workers) if write_in_processes else
+             ThreadPoolExecutor(max_workers=cfg.write_workers, thread_name_prefix="geod-write")) as writer:
+        stage = _ShardStage(teacher=teacher, targets=targets, pool=pool, predictor=predictor, in_flight=n_predict,
+                            batch_size=cfg.batch_size, bar=bar)
+        # In processes the teacher's picklable preparer runs next to decoding; in threads its own `prepare`.
+        prepare = teacher.input_preparer() if processes else teacher.prepare
+        load = partial(load_prepared, base_dir=manifest.base_dir, prepare=prepare)
+        loads = _prefetch(loader or pool, load, (row for shard in todo for row in blocks[shard]),
+                          depth=(n_predict + 1) * cfg.batch_size + max(cfg.workers, processes))
         writes: deque[Future] = deque()
-        for shard in todo:
-            arrays, rows = stage.extract(blocks[shard], loads)
+
+        def write(shard: int, arrays: dict, rows: list) -> None:
             while len(writes) >= cfg.write_workers:  # bounded: each waiting shard is held in memory
-                writes.popleft().result()
+                stage.waited("writes", writes.popleft().result)
             writes.append(writer.submit(shard_io.write_shard, cfg.out, shard, arrays, rows, cfg.layout))
+
+        stage.run([(shard, blocks[shard]) for shard in todo], loads, write)
         while writes:
-            writes.popleft().result()
+            stage.waited("writes", writes.popleft().result)
+        return {name: round(seconds, 3) for name, seconds in stage.waits.items()}
+
+
+@contextmanager
+def _process_pool(processes: int):
+    """A pool of `processes` spawned worker processes, or None for 0. Spawned, not forked: the parent may
+    already hold a CUDA context, which a forked child must not touch."""
+    if not processes:
+        yield None
+        return
+    import multiprocessing  # noqa: PLC0415
+
+    with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+        yield pool
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: on Linux, be killed when the extracting process dies. A writer orphaned by a
+    killed run would otherwise go on publishing a shard that the rerun is rebuilding at the same time."""
+    if sys.platform.startswith("linux"):
+        import ctypes  # noqa: PLC0415
+        import signal  # noqa: PLC0415
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before the signal was armed
+            os._exit(1)
+
+
+def load_prepared(row, *, base_dir: Path, prepare) -> tuple:
+    """(row, prepared PairData) or (row, _Failure): one pair's inputs, in a loader thread or process."""
+    from geod.data_manifests.views import load_pair
+
+    try:
+        pair = load_pair(row, base_dir)
+    except GeodError as error:
+        return row, _Failure(f"inputs: {error}")
+    except Exception as error:  # noqa: BLE001 - a decoder choking on a hostile file must not stop a long run
+        return row, _Failure(f"inputs: unexpected {type(error).__name__} while reading: {error}")
+    if prepare is None:
+        return row, pair
+    try:
+        return row, prepare(pair)
+    except Exception:  # noqa: BLE001 - `predict` meets the same problem and reports it, pair by pair
+        return row, pair
 
 
 def _check_teacher_grid(teacher: Teacher, layout: DatasetLayout) -> None:
-    """A teacher giving dense cost rows must give them on the layout's grid, or every pair would fail."""
-    grid = teacher.config().get("cost_grid")
+    """A teacher giving its own cost rows must give them on the layout's grid and, when it reduces them to
+    top-k itself, with the layout's k, or every pair would fail."""
+    config = teacher.config()
+    grid, topk = config.get("cost_grid"), config.get("cost_topk")
     if grid is not None and [int(v) for v in grid] != [layout.grid_h, layout.grid_w]:
         raise ConfigError(f"teacher {teacher.name!r} builds cost volumes on a {grid[0]}x{grid[1]} grid but the "
                           f"layout's grid is {layout.grid_h}x{layout.grid_w}; set the teacher option cost_grid "
                           "or the layout's grid_h/grid_w so that they agree")
+    if grid is not None and topk is not None and int(topk) != layout.topk:
+        raise ConfigError(f"teacher {teacher.name!r} keeps the top {topk} cost entries per row but the layout "
+                          f"keeps {layout.topk}; set the teacher option cost_topk or the layout's topk so that "
+                          "they agree")
 
 
 def extraction_fingerprint(cfg: ExtractConfig, manifest_sha256: str, teacher: Teacher) -> dict:
@@ -237,7 +323,7 @@ def _is_own_temporary(name: str) -> bool:
     return name.startswith(".tmp-") and pid.isdigit() and base in _OWN_ENTRIES
 
 
-def _prefetch(pool: ThreadPoolExecutor, fn, items: Iterable, *, depth: int) -> Iterator:
+def _prefetch(pool: Executor, fn, items: Iterable, *, depth: int) -> Iterator:
     """fn(item) for every item, computed in the pool up to `depth` items ahead, yielded in order."""
     iterator = iter(items)
     pending: deque[Future] = deque()
@@ -258,93 +344,116 @@ class _Failure:
     reason: str
 
 
-class _ShardStage:
-    """Turns the rows of one shard into its arrays and index rows (load -> predict -> build)."""
+class _ShardBuffer:
+    """One shard being assembled: its arrays (zero rows until filled) and index rows."""
 
-    def __init__(self, *, teacher: Teacher, targets: TargetConfig, base_dir: Path, pool: ThreadPoolExecutor,
+    def __init__(self, shard: int, n_rows: int, zero: dict[str, np.ndarray]) -> None:
+        self.shard = shard
+        self.arrays = {name: np.zeros((n_rows, *a.shape), a.dtype) for name, a in zero.items()}
+        self.rows: list[dict | None] = [None] * n_rows
+        self.missing = n_rows
+
+    def fill(self, position: int, index_row: dict, values: dict[str, np.ndarray] | None = None) -> None:
+        for name, value in (values or {}).items():
+            self.arrays[name][position] = value
+        self.rows[position] = index_row
+        self.missing -= 1
+
+
+class _ShardStage:
+    """Turns shards' manifest rows into their arrays and index rows (load -> predict -> build).
+
+    The stream never drains at a shard boundary: the next shard's batches go to the teacher while the last
+    ones of the previous shard are still being predicted and built. A batch never spans two shards, so a
+    shard's batches (and therefore its bytes) are the same whether it is extracted alone or in a run.
+    """
+
+    def __init__(self, *, teacher: Teacher, targets: TargetConfig, pool: ThreadPoolExecutor,
                  predictor: ThreadPoolExecutor, in_flight: int, batch_size: int, bar) -> None:
-        self.teacher, self.targets, self.base_dir = teacher, targets, base_dir
+        self.teacher, self.targets = teacher, targets
         self.pool, self.batch_size, self.bar = pool, batch_size, bar
         self.predictor, self.in_flight = predictor, in_flight
         self.dims = targets.dims()
+        self.zero = zero_targets(targets)
         self.failures = 0
+        self.waits = {"inputs": 0.0, "teacher": 0.0, "targets": 0.0, "writes": 0.0}
+        self.predicting: deque[tuple[list, Future]] = deque()
+        self.builds: deque[tuple[_ShardBuffer, int, _Shas, Future | _Failure]] = deque()
 
-    def load(self, row):
-        """(row, PairData or _Failure): runs in the pool."""
-        from geod.data_manifests.views import load_pair
-
+    def waited(self, stage: str, wait):
+        """wait(), its blocking time counted against `stage`."""
+        start = time.perf_counter()
         try:
-            pair = load_pair(row, self.base_dir)
-        except GeodError as error:
-            return row, _Failure(f"inputs: {error}")
-        except Exception as error:  # noqa: BLE001 - a decoder choking on a hostile file must not stop a long run
-            return row, _Failure(f"inputs: unexpected {type(error).__name__} while reading: {error}")
-        try:
-            return row, self.teacher.prepare(pair)
-        except Exception:  # noqa: BLE001 - `predict` meets the same problem and reports it, pair by pair
-            return row, pair
+            return wait()
+        finally:
+            self.waits[stage] += time.perf_counter() - start
 
-    def extract(self, block: list, loads: Iterator) -> tuple[dict[str, np.ndarray], list[dict]]:
-        """Arrays (zero rows for failed pairs) and index rows of one shard's manifest rows."""
-        zero = zero_targets(self.targets)
-        arrays = {name: np.zeros((len(block), *a.shape), a.dtype) for name, a in zero.items()}
-        rows: list[dict | None] = [None] * len(block)
-        builds: deque[tuple[int, _Shas, Future | _Failure]] = deque()
-        batch: list[tuple[int, object]] = []
-
-        def collect(wait: bool) -> None:
-            # Finished builds are copied into the shard's arrays at once, so their memory is freed early.
-            while builds and (wait or isinstance(builds[0][2], _Failure) or builds[0][2].done()):
-                position, shas, outcome = builds.popleft()
-                if not isinstance(outcome, _Failure):
-                    outcome = outcome.result()
-                if isinstance(outcome, _Failure):
-                    rows[position] = self._failed(shas.row, shas, outcome.reason)
+    def run(self, shards: list[tuple[int, list]], loads: Iterator, emit) -> None:
+        """Every shard's (shard, arrays, rows) goes to `emit` once complete, in order."""
+        open_shards: deque[_ShardBuffer] = deque()
+        for shard, block in shards:
+            buffer = _ShardBuffer(shard, len(block), self.zero)
+            open_shards.append(buffer)
+            batch: list[tuple[_ShardBuffer, int, object]] = []
+            for position in range(len(block)):
+                row, loaded = self.waited("inputs", partial(next, loads))
+                if isinstance(loaded, _Failure):
+                    buffer.fill(position, self._failed(row, None, loaded.reason))
+                    self.bar.update(1)
                     continue
-                for name, value in outcome.items():
-                    arrays[name][position] = value
-                rows[position] = _index_row(shas.row, shas, None)
+                batch.append((buffer, position, loaded))
+                if len(batch) == self.batch_size:
+                    self._submit(batch)
+                    batch = []
+            if batch:
+                self._submit(batch)
+            self._emit_complete(open_shards, emit)
+        self._predicted(wait_all=True)
+        self._collect(wait=True)
+        self._emit_complete(open_shards, emit)
+        assert not open_shards, "every shard is complete once all builds are collected"
 
-        predicting: deque[tuple[list, Future]] = deque()
+    @staticmethod
+    def _emit_complete(open_shards: deque[_ShardBuffer], emit) -> None:
+        while open_shards and open_shards[0].missing == 0:
+            done = open_shards.popleft()
+            emit(done.shard, done.arrays, done.rows)
 
-        def predicted(wait_all: bool) -> None:
-            # batches finish in submission order; at most `in_flight` run at once
-            while predicting and (wait_all or len(predicting) >= self.in_flight):
-                done_batch, future = predicting.popleft()
-                builds.extend(self._submit_builds(done_batch, future.result()))
-                collect(wait=False)
+    def _submit(self, batch: list) -> None:
+        self._predicted(wait_all=False)
+        self.predicting.append((batch, self.predictor.submit(self._predict_isolating, [p for *_, p in batch])))
 
-        for position in range(len(block)):
-            row, loaded = next(loads)
-            if isinstance(loaded, _Failure):
-                rows[position] = self._failed(row, None, loaded.reason)
-                self.bar.update(1)
-                continue
-            batch.append((position, loaded))
-            if len(batch) == self.batch_size:
-                predicted(wait_all=False)
-                predicting.append((batch, self.predictor.submit(self._predict_isolating, [p for _, p in batch])))
-                batch = []
-        if batch:
-            predicted(wait_all=False)
-            predicting.append((batch, self.predictor.submit(self._predict_isolating, [p for _, p in batch])))
-        predicted(wait_all=True)
-        collect(wait=True)
-        return arrays, rows
+    def _predicted(self, wait_all: bool) -> None:
+        # batches finish in submission order; at most `in_flight` run at once
+        while self.predicting and (wait_all or len(self.predicting) >= self.in_flight):
+            done_batch, future = self.predicting.popleft()
+            self.builds.extend(self._submit_builds(done_batch, self.waited("teacher", future.result)))
+            self._collect(wait=False)
+
+    def _collect(self, wait: bool) -> None:
+        # Finished builds are copied into their shard's arrays at once, so their memory is freed early.
+        builds = self.builds
+        while builds and (wait or isinstance(builds[0][3], _Failure) or builds[0][3].done()):
+            buffer, position, shas, outcome = builds.popleft()
+            if not isinstance(outcome, _Failure):
+                outcome = self.waited("targets", outcome.result)
+            if isinstance(outcome, _Failure):
+                buffer.fill(position, self._failed(shas.row, shas, outcome.reason))
+            else:
+                buffer.fill(position, _index_row(shas.row, shas, None), outcome)
 
     def _failed(self, row, shas: _Shas | None, reason: str) -> dict:
         self.failures += 1
         self.bar.set_postfix(failed=self.failures, refresh=False)
         return _index_row(row, shas, reason)
 
-    def _submit_builds(self, batch: list[tuple[int, object]],
-                       outcomes: list) -> list[tuple[int, _Shas, Future | _Failure]]:
+    def _submit_builds(self, batch: list, outcomes: list) -> list:
         self.bar.update(len(batch))
         result = []
-        for (position, pair), outcome in zip(batch, outcomes, strict=True):
+        for (buffer, position, pair), outcome in zip(batch, outcomes, strict=True):
             if not isinstance(outcome, _Failure):
                 outcome = self.pool.submit(self._build, outcome, pair.row.pair_id)
-            result.append((position, _Shas(pair), outcome))
+            result.append((buffer, position, _Shas(pair), outcome))
         return result
 
     def _predict_isolating(self, pairs: list) -> list[TeacherPrediction | _Failure]:

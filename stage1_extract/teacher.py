@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -68,8 +69,9 @@ class TeacherPrediction:
               them names its grid as config()["cost_grid"] = [grid_h, grid_w], which the runner checks
               against the dataset layout before starting.
     cost_ab_topk, cost_ba_topk: optional `CostTopK` of cost_ab / cost_ba already reduced to the format's
-              quantised top-k (a teacher computing it on its device spares the host that work); the
-              builder uses it when its k equals the layout's topk, the dense rows otherwise.
+              quantised top-k (a teacher computing it on its device spares the host that work, and may then
+              leave cost_ab / cost_ba out); the builder uses it when its k equals the layout's topk, the
+              dense rows otherwise.
     A and B may have different resolutions.
     """
 
@@ -110,9 +112,10 @@ class TeacherPrediction:
             cost = getattr(self, name)
             if cost is not None and n_patches is not None:
                 _expect(name, cost, shape=(n_patches, n_patches))
-            if cost is None and flow is None:
-                raise TeacherError(f"teacher prediction has neither {name} nor the flow to derive it from")
             top = getattr(self, f"{name}_topk")
+            if cost is None and flow is None and top is None:
+                raise TeacherError(f"teacher prediction has neither {name}, {name}_topk nor the flow to derive "
+                                   "it from")
             if top is not None:
                 rows = n_patches if n_patches is not None else len(top.valid)
                 for part, kind, shape in (("valid", "b", (rows,)), ("index", "u", (rows, top.index.shape[-1])),
@@ -157,8 +160,20 @@ class Teacher(ABC):
     def prepare(self, pair: PairData) -> PairData:
         """Per-pair input work that needs no model (e.g. resizing to the working resolution). The runner
         calls it in its loader threads, off the thread that drives the model; `predict` must give the
-        same result for a prepared and an unprepared pair. Default: the pair unchanged."""
-        return pair
+        same result for a prepared and an unprepared pair. Default: `input_preparer()`'s work, if any."""
+        preparer = self.input_preparer()
+        return pair if preparer is None else preparer(pair)
+
+    def input_preparer(self) -> Callable[[PairData], PairData] | None:
+        """`prepare`'s work as a small picklable callable that holds no model, so that loader processes
+        can run it next to decoding; None when there is nothing to prepare. Default: None."""
+        return None
+
+    @classmethod
+    def layout_options(cls, layout) -> dict:
+        """Options this teacher takes from the dataset layout (`geod.pipeline.card.DatasetLayout`) unless
+        the user gives them, e.g. the grid of the cost volumes it computes. Default: none."""
+        return {}
 
     @abstractmethod
     def predict(self, pairs: list[PairData]) -> list[TeacherPrediction]:
@@ -182,12 +197,16 @@ def teacher_names() -> tuple[str, ...]:
     return tuple(sorted(_TEACHERS))
 
 
-def create_teacher(name: str, **options) -> Teacher:
-    """Build the teacher registered under `name` with its options (keyword arguments of its class)."""
+def create_teacher(name: str, *, layout=None, **options) -> Teacher:
+    """Build the teacher registered under `name` with its options (keyword arguments of its class); with a
+    dataset `layout`, the options the teacher derives from it (`Teacher.layout_options`) fill in those not
+    given."""
     if name not in _TEACHERS:
         raise TeacherError(f"unknown teacher {name!r}; known teachers: {', '.join(teacher_names())}")
     module_name, class_name = _TEACHERS[name]
     cls = getattr(importlib.import_module(module_name), class_name)
+    if layout is not None:
+        options = {**cls.layout_options(layout), **options}
     try:
         return cls(**options)
     except TypeError as error:  # an unknown or missing option

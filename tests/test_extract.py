@@ -108,26 +108,53 @@ class SlowTeacher(GeometryTeacher):
         return super().predict(pairs)
 
 layout = DatasetLayout(**{layout!r})
-run_extract(ExtractConfig(pairs=Path({manifest!r}), out=Path({out!r}), layout=layout, batch_size=1, workers=2,
-                          progress=False), teacher=SlowTeacher())
+if __name__ == "__main__":
+    run_extract(ExtractConfig(pairs=Path({manifest!r}), out=Path({out!r}), layout=layout, batch_size=1, workers=2,
+                              load_processes={processes}, progress=False), teacher=SlowTeacher())
 """
 
 
-def test_sigkill_then_rerun_is_byte_identical(tmp_path):
+def _children(pid: int) -> set[int]:
+    """Live child processes of `pid` (Linux /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and int(fields[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("processes", [0, pytest.param(2, marks=pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc"))])
+def test_sigkill_then_rerun_is_byte_identical(tmp_path, processes):
+    """Also with loader and writer processes: they die with the killed run (a surviving writer could
+    publish a shard while the rerun rebuilds it)."""
     manifest = make_manifest(tmp_path, frames=8)  # 13 pairs -> 7 shards of 2
     reference = tmp_path / "reference"
     run_extract(_config(manifest, reference))
 
     out = tmp_path / "killed"
-    script = _KILLED_RUN.format(layout=LAYOUT, manifest=str(manifest), out=str(out))
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    script = _KILLED_RUN.format(layout=LAYOUT, manifest=str(manifest), out=str(out), processes=processes)
+    (tmp_path / "killed_run.py").write_text(script)
+    process = subprocess.Popen([sys.executable, str(tmp_path / "killed_run.py")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not (out / "shards" / "shard-00001.json").exists():
         assert process.poll() is None, process.stderr.read().decode()
         assert time.monotonic() < deadline, "the extraction never published a shard"
         time.sleep(0.01)
+    workers = _children(process.pid) if processes else set()
+    assert len(workers) >= processes  # the loaders and writers were running
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}/stat").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()
+                   for pid in workers), "worker processes outlived the killed run"
     assert not (out / "card.json").exists()
 
     shards = out / "shards"
@@ -261,3 +288,35 @@ def test_release_fields_are_checked_before_extraction(tmp_path, field, value, me
         ExtractConfig(pairs=tmp_path / "pairs.parquet", out=tmp_path / "out", layout=DatasetLayout(**LAYOUT),
                       **{field: value})
     assert not (tmp_path / "out").exists()
+
+
+def test_loader_processes_give_the_same_dataset_as_threads(tmp_path):
+    """Decoding in spawned processes changes where the work runs, not the bytes; failures are still
+    recorded pair by pair, and shards keep flowing across shard boundaries."""
+    bad = ({"pair_id": "missing", "scene_id": "s", "image_a": "nowhere/0.jpg",
+            "image_b": "scenes/scene0000_00/color/1.jpg"},)
+    manifest = make_manifest(tmp_path, frames=5, extra_rows=bad)
+    threads = run_extract(_config(manifest, tmp_path / "threads", load_processes=0))
+    processes = run_extract(_config(manifest, tmp_path / "processes", load_processes=2))
+    assert (threads.pairs, threads.failed, threads.shards) == (processes.pairs, processes.failed, 4) == (8, 1, 4)
+    assert _files(tmp_path / "threads") == _files(tmp_path / "processes")
+    assert set(processes.waits) == {"inputs", "teacher", "targets", "writes"}
+    assert all(seconds >= 0 for seconds in processes.waits.values())
+    with pytest.raises(ConfigError, match="load_processes"):
+        _config(manifest, tmp_path / "x", load_processes=-1)
+
+
+@pytest.mark.slow
+def test_mast3r_takes_its_cost_grid_and_topk_from_the_layout(tmp_path):
+    pytest.importorskip("torch")
+    manifest = make_manifest(tmp_path, frames=3)
+    options = {"weights": "random", "size": "tiny", "long_side": 64}
+    summary = run_extract(_config(manifest, tmp_path / "out", teacher="mast3r", teacher_options=options))
+    assert summary.ok == summary.pairs == 3
+    from geod.pipeline.card import read_card_json
+
+    config = read_card_json(tmp_path / "out")["teacher"]["config"]
+    assert config["cost_grid"] == [LAYOUT["grid_h"], LAYOUT["grid_w"]] and config["cost_topk"] == LAYOUT["topk"]
+    with pytest.raises(ConfigError, match="keeps the top 5 cost entries per row but the layout keeps 4"):
+        run_extract(_config(manifest, tmp_path / "other", teacher="mast3r",
+                            teacher_options={**options, "cost_topk": 5}))

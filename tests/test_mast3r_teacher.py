@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from geod.data_manifests.views import PairData, ViewData
-from geod.pipeline.errors import ConfigError
+from geod.pipeline.errors import ConfigError, TeacherError
 from geod.stage1_extract.mast3r.preprocess import working_size
 from geod.stage1_extract.mast3r.teacher import Mast3rTeacher, resample_cost
 from geod.stage1_extract.targets import TargetConfig, build_targets
 
-OPTIONS = dict(weights="random", size="tiny", long_side=64, cost_grid=(3, 4), match_stride=4)
+# float32 on the CPU everywhere: these tests pin exact values and the CPU defaults (precision, heads)
+OPTIONS = dict(weights="random", size="tiny", long_side=64, cost_grid=(3, 4), match_stride=4, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +135,14 @@ def test_teacher_topk_gives_the_same_targets_as_the_dense_rows(teacher):
     assert pred.cost_ab_topk is None  # k 32 > 12 patches of the tiny grid: not computed
     small = Mast3rTeacher(**OPTIONS, cost_topk=4)
     (pred,) = small.predict(make_pairs([((60, 80), (60, 80))], seed=5))
+    assert pred.cost_ab is None and pred.cost_ba is None  # reduced on the device: the dense rows stay there
     cfg = TargetConfig(max_matches=16, grid_h=3, grid_w=4, topk=4, depth_h=6, depth_w=8)
     with_top = build_targets(pred, cfg, "pair-0")
-    pred.cost_ab_topk = pred.cost_ba_topk = None
+    (pred,) = Mast3rTeacher(**OPTIONS, cost_topk=None).predict(make_pairs([((60, 80), (60, 80))], seed=5))
+    assert pred.cost_ab_topk is None and pred.cost_ab is not None
     dense = build_targets(pred, cfg, "pair-0")
+    with pytest.raises(TeacherError, match="top-4 rows only"):
+        build_targets(small.predict(make_pairs([((60, 80), (60, 80))], seed=5))[0],
+                      TargetConfig(max_matches=16, grid_h=3, grid_w=4, topk=3, depth_h=6, depth_w=8), "pair-0")
     for name in with_top:
         np.testing.assert_array_equal(with_top[name], dense[name])

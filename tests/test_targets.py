@@ -270,3 +270,41 @@ def test_flow_is_read_at_the_exact_patch_centre_not_the_nearest_pixel():
     hole[1, 2] = np.nan
     got = sample_flow(hole, np.array([0.5]), np.array([0.5]), max_spread=1.0)
     np.testing.assert_allclose(got[0], hole[2, 3], atol=1e-6)
+
+
+def _downsample_by_loops(depth, conf, out_h, out_w):
+    """Reference: each cell's pixels gathered one by one (slow, obviously right)."""
+    h, w = depth.shape
+    out_d, out_c = np.zeros((out_h, out_w)), np.zeros((out_h, out_w))
+    cells: dict = {}
+    for y in range(h):
+        for x in range(w):
+            cells.setdefault((min(int((y + 0.5) / h * out_h), out_h - 1),
+                              min(int((x + 0.5) / w * out_w), out_w - 1)), []).append((y, x))
+    for (r, c), pixels in cells.items():
+        good = [(y, x) for y, x in pixels if np.isfinite(depth[y, x]) and depth[y, x] > 0 and conf[y, x] > 0]
+        out_d[r, c] = np.mean([depth[p] for p in good]) if good else 0.0
+        out_c[r, c] = sum(float(conf[p]) for p in good) / len(pixels)
+    for r in range(out_h):
+        for c in range(out_w):
+            if (r, c) not in cells:
+                y, x = min(int((r + 0.5) / out_h * h), h - 1), min(int((c + 0.5) / out_w * w), w - 1)
+                ok = np.isfinite(depth[y, x]) and depth[y, x] > 0 and conf[y, x] > 0
+                out_d[r, c], out_c[r, c] = (depth[y, x], conf[y, x]) if ok else (0.0, 0.0)
+    return out_d, out_c
+
+
+@pytest.mark.parametrize("h, w, out_h, out_w", [(24, 32, 6, 8), (23, 37, 5, 7), (7, 9, 12, 4), (5, 5, 5, 5),
+                                                (3, 40, 6, 9)])
+def test_downsample_depth_matches_a_per_pixel_reference(h, w, out_h, out_w):
+    rng = np.random.default_rng(h * 100 + w)
+    depth = rng.uniform(0.5, 9.0, (h, w)).astype(np.float32)
+    depth[rng.random((h, w)) < 0.2] = 0.0
+    depth[rng.random((h, w)) < 0.05] = np.nan
+    conf = rng.uniform(0.0, 3.0, (h, w)).astype(np.float32)
+    conf[rng.random((h, w)) < 0.1] = 0.0
+    out, out_conf = downsample_depth(depth, conf, out_h, out_w)
+    ref, ref_conf = _downsample_by_loops(depth, conf, out_h, out_w)
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    np.testing.assert_allclose(out_conf, ref_conf, rtol=1e-6)
+    np.testing.assert_array_equal(out > 0, out_conf > 0)

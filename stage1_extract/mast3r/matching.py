@@ -98,9 +98,10 @@ def _searchers(feats_a, feats_b, cfg: MatchConfig):
     """(nearest-in-B, nearest-in-A) functions of queries [B, S, D] -> indices [B, S]."""
     use_triton = cfg.kernel == "triton"
     if cfg.kernel == "auto" and feats_a.dtype == torch.float32 and feats_a.device.type == "cuda":
-        # float16 screening needs values far from its range limit (descriptors are unit vectors)
-        use_triton = bool(torch.isfinite(feats_a).all() & torch.isfinite(feats_b).all()) and \
-            max(float(feats_a.abs().max()), float(feats_b.abs().max())) < 1e3
+        # float16 screening needs finite values far from its range limit (descriptors are unit vectors);
+        # one host sync for the whole test
+        largest = torch.stack([feats_a.abs().amax(), feats_b.abs().amax()]).amax()
+        use_triton = bool(largest.nan_to_num(nan=torch.inf) < 1e3)
     if use_triton:
         if feats_a.dtype != torch.float32:
             raise TeacherError("MatchConfig.kernel 'triton' needs float32 descriptors")
@@ -112,27 +113,30 @@ def _searchers(feats_a, feats_b, cfg: MatchConfig):
 
 
 def _iterate(feats_a, feats_b, xy1, cfg: MatchConfig, search_b, search_a):
-    """The seeded A -> B -> A iteration, all pairs at once. Returns (idx_a, idx_b, converged) [B, S]."""
+    """The seeded A -> B -> A iteration, all pairs at once. Returns (idx_a, idx_b, converged) [B, S].
+
+    One host sync per round (the number of unconverged chains, which sizes both of its searches): each
+    sync idles the device until the host has launched the next kernels, so they are kept few."""
     xy2 = torch.full_like(xy1, -1)
     old1, old2 = xy1.clone(), xy2.clone()
     notyet = torch.ones_like(xy1, dtype=torch.bool)
     for step in range(cfg.max_iter):
-        xy2 = torch.where(notyet, _nn_of(feats_a, xy1, search_b, notyet), xy2)
-        notyet &= old2 != xy2
-        xy1 = torch.where(notyet, _nn_of(feats_b, xy2, search_a, notyet), xy1)
-        notyet &= old1 != xy1
-        if step + 1 >= cfg.max_iter or not bool(notyet.any()):
+        count = int(notyet.sum(dim=1).max()) if step else xy1.shape[1]
+        if count == 0:
             break
+        # the second search's active set is a subset of the first's, so `count` bounds both
+        xy2 = torch.where(notyet, _nn_of(feats_a, xy1, search_b, notyet, count), xy2)
+        notyet &= old2 != xy2
+        xy1 = torch.where(notyet, _nn_of(feats_b, xy2, search_a, notyet, count), xy1)
+        notyet &= old1 != xy1
         old1, old2 = xy1.clone(), xy2.clone()
     return xy1, xy2, ~notyet
 
 
-def _nn_of(src: torch.Tensor, src_idx: torch.Tensor, search, active: torch.Tensor) -> torch.Tensor:
+def _nn_of(src: torch.Tensor, src_idx: torch.Tensor, search, active: torch.Tensor, count: int) -> torch.Tensor:
     """Nearest neighbour (`search`: queries -> database indices) of src[b, src_idx[b, s]] for the active
-    entries [B, S]; inactive entries get an arbitrary value. Active entries are packed to the front so that
-    a late round, where few chains remain, costs little."""
-    batch, n_seeds = src_idx.shape
-    count = int(active.sum(dim=1).max())
+    entries [B, S], of which no row has more than `count`; inactive entries get an arbitrary value. Active
+    entries are packed to the front so that a late round, where few chains remain, costs little."""
     out = torch.zeros_like(src_idx)
     if count == 0:
         return out

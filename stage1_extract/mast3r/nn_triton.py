@@ -5,15 +5,16 @@ The plain way forms every query's similarity row in memory and reduces it: for 7
 the row never leaves the chip, and the tensor cores do the bulk of the arithmetic in half precision
 without giving up exactness:
 
-1. pass 1 streams the database tiles and keeps, per query, the maximum of the float16 products
-   (float32 accumulation): M ~ max_j <q, d_j>;
+1. pass 1 streams the database in tiles of `block_n` entries and stores, per query and tile, the maximum
+   of the float16 products (float32 accumulation); their maximum over tiles is M ~ max_j <q, d_j>;
 2. the float16 products differ from the float32 ones by at most `eps` (a bound from the rounding of q and
    d to float16 and the accumulation errors of both computations), so the exact winner j* satisfies
-   approx(j*) >= exact(j*) - eps >= approx(j_M) - 2 eps = M - 2 eps: every entry below M - margin
-   (margin > 2 eps) is out of the race;
-3. pass 2 streams the tiles again and, only in tiles holding a candidate, computes the float32 products
-   (one FMA per channel in channel order, no TF32) and keeps the largest candidate, the first index on
-   ties.
+   approx(j*) >= exact(j*) - eps >= approx(j_M) - 2 eps = M - 2 eps: a tile whose stored maximum is below
+   M - margin (margin > 2 eps) cannot hold it, nor any entry tied with it;
+3. pass 2 reads the stored tile maxima and visits only the tiles that can hold a query's winner (a few
+   of about 1,500 at 512x384), computing their float32 products (one FMA per channel in channel order,
+   no TF32) and keeping the largest, the first index on ties. Every entry of a visited tile takes part:
+   the winner and its ties are among them, so the result is the same.
 The result equals an exact float32 argmax (up to the summation order of the 24-term products, as any two
 float32 implementations do).
 """
@@ -29,63 +30,56 @@ from geod.pipeline.errors import TeacherError
 _HALF_UNIT = 2.0 ** -11       # float16 unit roundoff
 _F32_UNIT = 2.0 ** -24
 _HALF_SUBNORMAL = 2.0 ** -25  # half the float16 subnormal spacing: absolute rounding error near 0
+_TILE_MAX_BYTES = 1 << 29     # bound on pass 1's per-tile maxima: queries are taken in chunks beyond it
 
 
 @triton.jit
-def _approx_max_kernel(q_ptr, db_ptr, out_ptr, n_q, n_db, stride_qb, stride_dbb, split_len, n_batch,
-                       DP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tile_max_kernel(q_ptr, db_ptr, tile_ptr, n_q, n_db, n_tiles, stride_qb, stride_dbb, tiles_per_split,
+                     DP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_q = tl.program_id(0)
     b = tl.program_id(1)
-    split = tl.program_id(2)  # this program's slice of the database: [split * split_len, + split_len)
-    n_start = split * split_len
-    n_stop = tl.minimum(n_start + split_len, n_db)
+    split = tl.program_id(2)  # this program's tiles: [split * tiles_per_split, + tiles_per_split)
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     dims = tl.arange(0, DP)
     q = tl.load(q_ptr + b * stride_qb + rows[:, None] * DP + dims[None, :], mask=rows[:, None] < n_q, other=0.0)
-    best = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
-    for n0 in range(n_start, n_stop, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        d = tl.load(db_ptr + b * stride_dbb + cols[:, None] * DP + dims[None, :], mask=cols[:, None] < n_stop,
+    for i in range(0, tiles_per_split):  # the last split may run past the database: masked
+        t = split * tiles_per_split + i
+        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        d = tl.load(db_ptr + b * stride_dbb + cols[:, None] * DP + dims[None, :], mask=cols[:, None] < n_db,
                     other=0.0)
         s = tl.dot(q, tl.trans(d))
-        s = tl.where(cols[None, :] < n_stop, s, float("-inf"))
-        best = tl.maximum(best, tl.max(s, axis=1))
-    tl.store(out_ptr + (split * n_batch + b) * n_q + rows, best, mask=rows < n_q)
+        s = tl.where(cols[None, :] < n_db, s, float("-inf"))
+        # layout [B, tiles, queries]: a program's stores are contiguous
+        tl.store(tile_ptr + (b * n_tiles + t) * n_q + rows, tl.max(s, axis=1), mask=(rows < n_q) & (t < n_tiles))
 
 
 @triton.jit
-def _exact_argmax_kernel(q_ptr, db_ptr, q32_ptr, db32_ptr, thr_ptr, val_ptr, idx_ptr, n_q, n_db, stride_qb,
-                         stride_dbb, split_len, n_batch, DIM: tl.constexpr, DP: tl.constexpr,
+def _exact_argmax_kernel(q32_ptr, db32_ptr, tile_ptr, thr_ptr, val_ptr, idx_ptr, n_q, n_db, n_tiles, stride_qb,
+                         stride_dbb, tiles_per_split, n_batch, DIM: tl.constexpr, DP: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_q = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
-    n_start = split * split_len
-    n_stop = tl.minimum(n_start + split_len, n_db)
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    dims = tl.arange(0, DP)
-    q_off = b * stride_qb + rows[:, None] * DP + dims[None, :]
-    q = tl.load(q_ptr + q_off, mask=rows[:, None] < n_q, other=0.0)
     thr = tl.load(thr_ptr + b * n_q + rows, mask=rows < n_q, other=float("inf"))
     best = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_Q,), tl.int32)
-    for n0 in range(n_start, n_stop, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        d_off = b * stride_dbb + cols[:, None] * DP + dims[None, :]
-        d = tl.load(db_ptr + d_off, mask=cols[:, None] < n_stop, other=0.0)
-        s = tl.dot(q, tl.trans(d))
-        cand = (s >= thr[:, None]) & (cols[None, :] < n_stop)
-        if tl.max(cand.to(tl.int32)) > 0:  # rare: only tiles near a query's best match
+    for i in range(0, tiles_per_split):
+        t = split * tiles_per_split + i
+        tile_max = tl.load(tile_ptr + (b * n_tiles + t) * n_q + rows, mask=(rows < n_q) & (t < n_tiles),
+                           other=float("-inf"))
+        if tl.max((tile_max >= thr).to(tl.int32)) > 0:  # rare: only tiles near a query's best match
+            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
             # float32 products summed in a fixed order (channel 0 first, one FMA per channel), so a
             # value does not depend on where its entry falls in a tile
             exact = tl.zeros((BLOCK_Q, BLOCK_N), tl.float32)
             for k in range(DIM):
                 qk = tl.load(q32_ptr + b * stride_qb + rows * DP + k, mask=rows < n_q, other=0.0)
-                dk = tl.load(db32_ptr + b * stride_dbb + cols * DP + k, mask=cols < n_stop, other=0.0)
+                dk = tl.load(db32_ptr + b * stride_dbb + cols * DP + k, mask=cols < n_db, other=0.0)
                 exact = tl.fma(qk[:, None], dk[None, :], exact)
-            exact = tl.where(cand, exact, float("-inf"))
+            exact = tl.where(cols[None, :] < n_db, exact, float("-inf"))
             tile_best = tl.max(exact, axis=1)
-            tile_idx = tl.argmax(exact, axis=1, tie_break_left=True).to(tl.int32) + n0
+            tile_idx = tl.argmax(exact, axis=1, tie_break_left=True).to(tl.int32) + t * BLOCK_N
             better = tile_best > best  # strict: an equal value in a later tile keeps the first index
             best = tl.where(better, tile_best, best)
             best_idx = tl.where(better, tile_idx, best_idx)
@@ -128,25 +122,29 @@ class TritonNN:
         batch, n_q, _ = queries.shape
         if n_q == 0:
             return torch.zeros(batch, 0, dtype=torch.int64, device=queries.device)
+        n_tiles = triton.cdiv(self.n_db, self.block_n)
+        chunk = max(self.block_q, _TILE_MAX_BYTES // (4 * batch * n_tiles) // self.block_q * self.block_q)
+        if n_q > chunk:
+            return torch.cat([self.argmax(queries[:, start:start + chunk]) for start in range(0, n_q, chunk)], 1)
         q32 = _pad(queries, self.dp, torch.float32)
         q16 = q32.to(torch.float16)
         grid_q = triton.cdiv(n_q, self.block_q)
         # Late rounds have few unconverged queries: split the database across programs as well, so that
         # the GPU stays full (about 4 programs per multiprocessor), then reduce over the splits.
-        tiles = triton.cdiv(self.n_db, self.block_n)
-        splits = max(1, min(tiles, -(-4 * _multiprocessors(queries.device) // (grid_q * batch))))
-        split_len = triton.cdiv(tiles, splits) * self.block_n
-        splits = triton.cdiv(self.n_db, split_len)
+        splits = max(1, min(n_tiles, -(-4 * _multiprocessors(queries.device) // (grid_q * batch))))
+        tiles_per_split = triton.cdiv(n_tiles, splits)
+        splits = triton.cdiv(n_tiles, tiles_per_split)
         grid = (grid_q, batch, splits)
-        approx = torch.empty(splits, batch, n_q, dtype=torch.float32, device=queries.device)
-        _approx_max_kernel[grid](q16, self.db16, approx, n_q, self.n_db, n_q * self.dp, self.n_db * self.dp,
-                                 split_len, batch, DP=self.dp, BLOCK_Q=self.block_q, BLOCK_N=self.block_n)
-        threshold = approx.amax(dim=0) - self.margin(queries)
+        tile_max = torch.empty(batch, n_tiles, n_q, dtype=torch.float32, device=queries.device)
+        _tile_max_kernel[grid](q16, self.db16, tile_max, n_q, self.n_db, n_tiles, n_q * self.dp,
+                               self.n_db * self.dp, tiles_per_split, DP=self.dp, BLOCK_Q=self.block_q,
+                               BLOCK_N=self.block_n)
+        threshold = tile_max.amax(dim=1) - self.margin(queries)
         vals = torch.empty(splits, batch, n_q, dtype=torch.float32, device=queries.device)
         idx = torch.empty(splits, batch, n_q, dtype=torch.int32, device=queries.device)
-        _exact_argmax_kernel[grid](q16, self.db16, q32, self.db32, threshold, vals, idx, n_q, self.n_db,
-                                   n_q * self.dp, self.n_db * self.dp, split_len, batch, DIM=self.dim, DP=self.dp,
-                                   BLOCK_Q=self.block_q, BLOCK_N=self.block_n)
+        _exact_argmax_kernel[grid](q32, self.db32, tile_max, threshold, vals, idx, n_q, self.n_db, n_tiles,
+                                   n_q * self.dp, self.n_db * self.dp, tiles_per_split, batch, DIM=self.dim,
+                                   DP=self.dp, BLOCK_Q=self.block_q, BLOCK_N=self.block_n)
         if splits == 1:
             return idx[0].to(torch.int64)
         # the best value; on ties the first split (lower indices), as one sequential scan would keep

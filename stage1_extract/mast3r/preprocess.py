@@ -42,13 +42,26 @@ def to_network_input(images: list[np.ndarray], mean, std, device=None):
     """Same-size uint8 images -> float32 tensor [B, 3, h, w] normalised as (x / 255 - mean) / std, on
     `device` (default CPU). The uint8 pixels travel (through pinned memory on CUDA) and are normalised
     there: the same correctly rounded operations in the same order, so the same values on every device."""
+    return normalise_batch(host_batch(images, device), mean, std, device)
+
+
+def host_batch(images: list[np.ndarray], device=None):
+    """The host half of `to_network_input`: uint8 [B, h, w, 3], in pinned memory when `device` is CUDA
+    (a caller driving the device from several threads does this outside its device lock)."""
     import torch  # noqa: PLC0415
 
     batch = torch.from_numpy(np.stack(images))
     if device is not None and torch.device(device).type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
-    elif device is not None:
-        batch = batch.to(device)
+        batch = batch.pin_memory()
+    return batch
+
+
+def normalise_batch(batch, mean, std, device=None):
+    """The device half of `to_network_input`: `host_batch`'s uint8 pixels -> normalised float32 [B, 3, h, w]."""
+    import torch  # noqa: PLC0415
+
+    if device is not None:
+        batch = batch.to(device, non_blocking=batch.is_pinned())
     batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
