@@ -8,10 +8,11 @@ Work is pipelined: loader processes (or threads) read, decode and prepare (`teac
 resizing) the next pairs, a thread pool builds targets while `teacher.predict` runs on a batch (two
 batches at once for teachers that allow it, so one batch's host-side work overlaps the next one's device
 work), the next shard's batches start before the previous shard's last ones are done, and
-`write_workers` threads compress, hash and write finished shards (each shard on its own, so the bytes do
-not depend on how many run at once). Loader processes are spawned: a script calling `run_extract` needs
-the usual `if __name__ == "__main__":` guard. A pair whose inputs cannot be read, that the teacher rejects or whose targets break the format
-is recorded as failed (zero arrays, its reason in the index) and the run goes on.
+`write_workers` threads or processes compress, hash and write finished shards (each shard on its own, so
+the bytes do not depend on how many run at once). Worker processes are spawned: a script calling
+`run_extract` needs the usual `if __name__ == "__main__":` guard. A pair whose inputs cannot be read, that
+the teacher rejects or whose targets break the format is recorded as failed (zero arrays, its reason in
+the index) and the run goes on.
 
 `OUT/extract.json` records what determines the shards' content (manifest checksum, teacher identity and
 options, layout, target options); extracting into a directory made with different values is refused unless
@@ -58,8 +59,9 @@ class ExtractConfig:
     load_processes: processes reading, decoding and preparing inputs (0: threads do it; None: half the
     usable CPUs, at most 8, or 0 below 4 CPUs) - decoding in threads competes for the interpreter lock with
     the thread driving the GPU; write_workers: shards compressed and written at once (each holds one
-    finished shard in memory), in processes when `write_in_processes` (None: when there are loader
-    processes; zarr's writes need the interpreter lock often, and starve the GPU thread of it);
+    finished shard in memory), in processes when `write_in_processes` (None: on Linux when there are loader
+    processes; zarr's writes need the interpreter lock often, and starve the GPU thread of it; elsewhere a
+    writer process could outlive a killed run);
     seed: mixed into each pair's match sampling;
     cv_sigma: width (patches) of flow-derived cost-volume rows; overwrite: replace a dataset made with other
     settings; verify_existing: re-hash finished shards before skipping them; progress: show a tqdm bar.
@@ -104,8 +106,8 @@ class ExtractConfig:
         if self.switch_interval_ms is not None and not self.switch_interval_ms > 0:
             raise ConfigError(f"switch_interval_ms must be > 0 or None, got {self.switch_interval_ms}")
 
-
     def resolved_load_processes(self) -> int:
+        """Loader processes to start (`load_processes`, or the automatic choice)."""
         if self.load_processes is not None:
             return self.load_processes
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -174,14 +176,16 @@ def _extract_locked(cfg: ExtractConfig, teacher: Teacher, targets: TargetConfig,
 
     card = _finalize(cfg, manifest, teacher, n_shards=len(blocks))
     return ExtractSummary(out=cfg.out, pairs=card.counts.pairs, ok=card.counts.ok, failed=card.counts.failed,
-                          shards=card.counts.shards, shards_written=len(todo), shards_skipped=len(blocks) - len(todo),
-                          waits=waits)
+                          shards=card.counts.shards, shards_written=len(todo),
+                          shards_skipped=len(blocks) - len(todo), waits=waits)
 
 
 def _run_shards(cfg: ExtractConfig, teacher: Teacher, targets: TargetConfig, manifest, blocks: list, todo: list,
                 done: int, n_predict: int, shard_io, tqdm) -> dict[str, float]:
     processes = cfg.resolved_load_processes()
-    write_in_processes = bool(processes) if cfg.write_in_processes is None else cfg.write_in_processes
+    write_in_processes = cfg.write_in_processes
+    if write_in_processes is None:  # only where a killed run takes its writers with it (`_die_with_parent`)
+        write_in_processes = bool(processes) and sys.platform.startswith("linux")
     with tqdm(total=len(manifest.rows), initial=done, unit="pair", desc=f"extract ({teacher.name})",
               disable=not cfg.progress, dynamic_ncols=True) as bar, \
             ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="geod-extract") as pool, \
