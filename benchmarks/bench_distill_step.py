@@ -18,12 +18,15 @@ geod's own tiny-student path with size overrides, so nothing is downloaded:
 Per student, with bf16 autocast on CUDA as geod trains, B pairs = 2B images per step:
 (a) plain: the student with geod's LoRA (same target modules and layers) but no bottleneck adapters or
     heads, forward + backward of mean(square(fed-layer features)) on 2B images already on the GPU;
-(b) geod compute: `train.train_step` (DistillModel forward with all four losses, heads, backward, grad clip,
+(b) geod compute: `step.launch_step` (DistillModel forward with all four losses, heads, backward, grad clip,
     AdamW step) on one real batch already on the GPU, repeated; set up as `geod distill` does on CUDA: fused
-    AdamW, the loss section compiled (`--compile off`: eager) on batches padded to data.max_matches;
+    AdamW with the non-finite guard on the GPU, each step's outcome read once the next step is queued, the
+    loss section compiled (`--compile off`: eager) on batches padded to data.max_matches. Also timed with the
+    outcome read at once (one wait for the GPU per step);
 (c) geod step: the same, fed by geod's PairStream / DataLoader (pinned memory, workers) from a synthetic
     target dataset on local disk (640x480 JPEGs; targets from bench_format.synthetic_pair through the
-    shard writer), as `geod distill` feeds it (workers send uint8 pixels, normalised on the GPU);
+    shard writer), as `geod distill` feeds it (workers send uint8 pixels, normalised on the GPU, each batch
+    packed in two buffers); `--fed` adds variants (separate tensors per array, outcome read every step);
 (d) data alone: the DataLoader's rate with nothing on the GPU (at --workers and at --workers-max).
 The overhead reported is (c) / (a) - 1 and (b) / (a) - 1 in time per step. A breakdown of (b) with CUDA
 events (encoder forward, losses, backward, clip + optimizer) shows where the geod-only time goes.
@@ -37,6 +40,7 @@ import gc
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -111,6 +115,10 @@ def build_dataset(root: Path, pairs: int, height: int, width: int) -> Path:
     stamp = root / f"built-{pairs}-{height}x{width}.json"
     if stamp.is_file() and (out / "card.json").is_file():
         return out
+    if out.exists():  # a dataset of another size, or an interrupted build: rebuilt from scratch
+        shutil.rmtree(out)
+    for old in root.glob("built-*.json"):
+        old.unlink()
     layout = DatasetLayout()
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -215,7 +223,7 @@ def _epochs(stream, device):
 
 def bench_student(label: str, args, device) -> dict:
     import torch
-    from geod.stage2_distill import train
+    from geod.stage2_distill import step, train
     from geod.stage2_distill.data import PairStream, make_loader
     from torch import nn
 
@@ -225,7 +233,7 @@ def bench_student(label: str, args, device) -> dict:
     student = model.student
     pairs = cfg.data.batch_size
     params = [p for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)]
-    optimizer = train.make_optimizer(params, cfg.optim, device)
+    optimizer = step.make_optimizer(params, cfg.optim, device)
     use_bf16 = device.type == "cuda"
     # As `geod distill` sets it up on CUDA: a compiled loss section fed batches padded to data.max_matches, and
     # uint8 pixels from the workers normalised on the GPU.
@@ -264,48 +272,81 @@ def bench_student(label: str, args, device) -> dict:
     result["plain_peak_gib"] = _peak_gib(device)
 
     # One real batch from geod's loader, kept on the GPU for (b).
-    stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=compiled)
+    stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=compiled, pack=raw)
     stream.set_position(0, 0)
     first = iter(make_loader(stream, pin_memory=device.type == "cuda"))
-    batch = train._to_device(next(first), device, student.preprocessing)
+    batch = step.BatchMover(device, student.preprocessing)(next(first))
     del first  # shuts its workers down before anything is timed
     step_no = [0]
+    pending: list = []  # the queued step whose outcome is read after the next one is queued
 
-    def geod_step(b) -> dict:
+    def check(outcome) -> dict:
+        values, _, applied = outcome.result()
+        if not applied:
+            raise RuntimeError(f"{name}: a step was skipped as non-finite: {values}")
+        return values
+
+    def geod_step(b, deferred: bool = True) -> None:
+        """A step as `geod distill` runs it: its outcome is read once the next step is queued (deferred), or
+        (deferred=False) read at once, one wait for the GPU per step."""
         lr = train.learning_rate(step_no[0], cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        values, _, applied = train.train_step(model, b, optimizer, params, cfg, stream.cv_grid, device, 1)
+        outcome = step.launch_step(model, b, optimizer, params, cfg, stream.cv_grid, device, 1)
         step_no[0] += 1
-        if not applied:
-            raise RuntimeError(f"{name}: a step was skipped as non-finite: {values}")
+        while pending:
+            check(pending.pop())
+        if deferred:
+            pending.append(outcome)
+        else:
+            check(outcome)
+
+    def flush() -> dict:
+        values = {}
+        while pending:
+            values = check(pending.pop())
         return values
 
     _peak_reset(device)
     t0 = time.perf_counter()
     geod_step(batch)  # a compiled loss section is compiled here
+    flush()
     _sync(device)
     result["first_step_s"] = time.perf_counter() - t0
     result["geod_compute_ms"] = 1e3 * _time_loop(lambda: geod_step(batch), args.warmup, args.steps, device)
+    flush()
+    result["geod_compute_sync_ms"] = 1e3 * _time_loop(lambda: geod_step(batch, deferred=False), args.warmup,
+                                                      args.steps, device)
     result["geod_peak_gib"] = _peak_gib(device)
-    result["losses"] = geod_step(batch)
+    geod_step(batch)
+    result["losses"] = flush()
     result["breakdown_ms"] = _breakdown(model, batch, optimizer, params, cfg, stream.cv_grid, device, use_bf16)
     if label in args.profile.split(","):
-        _profile(label, plain, lambda: geod_step(batch), device)
+        _profile(label, plain, lambda: (geod_step(batch), flush()), device)
 
-    # (c) the step as `geod distill` runs it: batches from the DataLoader (new loader, batch 0 of epoch 0).
-    batches = _epochs(stream, device)
-    waits = []
+    # (c) the step as `geod distill` runs it: batches from the DataLoader (new loader, batch 0 of epoch 0);
+    # FED variants: packed (two buffers per batch) or separate tensors, outcome deferred or read every step.
+    for variant in args.fed.split(","):
+        transport, _, readout = variant.partition("-")
+        fed_stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=compiled,
+                                pack=raw and transport == "packed")
+        mover = step.BatchMover(device, student.preprocessing)
+        batches = _epochs(fed_stream, device)
+        waits = []
 
-    def fed_step() -> None:
-        t0 = time.perf_counter()
-        b = train._to_device(next(batches), device, student.preprocessing)
-        waits.append(time.perf_counter() - t0)
-        geod_step(b)
+        def fed_step(mover=mover, batches=batches, waits=waits, deferred=readout == "deferred") -> None:
+            t0 = time.perf_counter()
+            b = mover(next(batches))
+            waits.append(time.perf_counter() - t0)
+            geod_step(b, deferred=deferred)
 
-    result["geod_step_ms"] = 1e3 * _time_loop(fed_step, args.warmup, args.steps, device)
-    result["data_wait_ms"] = 1e3 * float(np.mean(waits[args.warmup:]))
-    batches.close()  # shuts the DataLoader workers down
+        result[f"geod_step_ms_{variant}"] = 1e3 * _time_loop(fed_step, args.warmup, args.steps, device)
+        flush()
+        result[f"data_wait_ms_{variant}"] = 1e3 * float(np.mean(waits[args.warmup:]))
+        batches.close()  # shuts the DataLoader workers down
+    main_variant = args.fed.split(",")[0]
+    result["geod_step_ms"] = result[f"geod_step_ms_{main_variant}"]
+    result["data_wait_ms"] = result[f"data_wait_ms_{main_variant}"]
     result["overhead_compute_pct"] = 100 * (result["geod_compute_ms"] / result["plain_ms"] - 1)
     result["overhead_step_pct"] = 100 * (result["geod_step_ms"] / result["plain_ms"] - 1)
     result["pairs_per_s_plain"] = 1e3 * pairs / result["plain_ms"]
@@ -470,6 +511,11 @@ def main() -> None:
     parser.add_argument("--compile", choices=("on", "off"), default="on",
                         help="torch.compile the loss section on CUDA (geod distill's run.compile)")
     parser.add_argument("--skip-data", action="store_true", help="leave out (d), the loader timed alone")
+    parser.add_argument("--fed", default="packed-deferred,separate-sync",
+                        help="variants of (c), comma-separated TRANSPORT-READOUT, the first reported as the step: "
+                             "TRANSPORT packed (two buffers per batch, as geod distill sends them on CUDA) or "
+                             "separate (one tensor per array); READOUT deferred (the step's outcome is read after "
+                             "the next step is queued, as geod distill does) or sync (read at once)")
     args = parser.parse_args()
 
     import torch

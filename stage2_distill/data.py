@@ -21,6 +21,7 @@ import torch
 from geod.pipeline.errors import ConfigError, InputReadError
 from geod.pipeline.format_spec import PROB_SCALE, STATUS_OK
 from geod.stage2_distill.config import DataConfig
+from geod.stage2_distill.packing import PackedBatch, pack_batch
 from geod.stage2_distill.students import Preprocessing
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -161,13 +162,9 @@ def scene_scale(depth_a: np.ndarray) -> float:
     return float(np.median(positive)) if positive.size else 1.0
 
 
-def collate_pairs(rows: list[dict[str, np.ndarray]], pixels_a: list[np.ndarray], pixels_b: list[np.ndarray],
-                  max_matches: int, rng: np.random.Generator, *, pad_to_max: bool = False) -> dict:
-    """One batch: pixel tensors, matches padded to the batch's largest kept count (or, with `pad_to_max`, to
-    `max_matches`: the same shapes every step) with `mask`, cost volumes.
-
-    Every pair keeps a random subset of at most `max_matches` of its valid matches, in random order.
-    """
+def collate_arrays(rows: list[dict[str, np.ndarray]], max_matches: int, rng: np.random.Generator, *,
+                   pad_to_max: bool = False) -> dict[str, np.ndarray]:
+    """The target arrays of one batch (numpy), keyed and typed as `collate_pairs` returns them."""
     picks = [subsample_matches(int(r["match_count"]), max_matches, rng) for r in rows]
     width = max_matches if pad_to_max else max(1, max(len(p) for p in picks))
     size = len(rows)
@@ -183,13 +180,24 @@ def collate_pairs(rows: list[dict[str, np.ndarray]], pixels_a: list[np.ndarray],
         for key, (name, _) in shapes.items():
             out[key][i, :len(pick)] = r[name][pick]
         scales[i] = scene_scale(r["match_depth_a"][:int(r["match_count"])])
-    batch = {key: torch.from_numpy(value) for key, value in out.items()}
-    batch["scene_scale"] = torch.from_numpy(scales)
+    out["scene_scale"] = scales
     for side in ("ab", "ba"):
-        batch[f"cv_{side}_index"] = torch.from_numpy(np.stack([r[f"cv_{side}_index"] for r in rows]).astype(np.int64))
-        prob = np.stack([r[f"cv_{side}_prob"] for r in rows]).astype(np.float32) / np.float32(PROB_SCALE)
-        batch[f"cv_{side}_prob"] = torch.from_numpy(prob)
-        batch[f"cv_{side}_valid"] = torch.from_numpy(np.stack([r[f"cv_{side}_valid"] for r in rows]).astype(bool))
+        out[f"cv_{side}_index"] = np.stack([r[f"cv_{side}_index"] for r in rows]).astype(np.int64)
+        out[f"cv_{side}_prob"] = np.stack([r[f"cv_{side}_prob"] for r in rows]).astype(np.float32) / np.float32(
+            PROB_SCALE)
+        out[f"cv_{side}_valid"] = np.stack([r[f"cv_{side}_valid"] for r in rows]).astype(bool)
+    return out
+
+
+def collate_pairs(rows: list[dict[str, np.ndarray]], pixels_a: list[np.ndarray], pixels_b: list[np.ndarray],
+                  max_matches: int, rng: np.random.Generator, *, pad_to_max: bool = False) -> dict:
+    """One batch: pixel tensors, matches padded to the batch's largest kept count (or, with `pad_to_max`, to
+    `max_matches`: the same shapes every step) with `mask`, cost volumes.
+
+    Every pair keeps a random subset of at most `max_matches` of its valid matches, in random order.
+    """
+    batch = {key: torch.from_numpy(value)
+             for key, value in collate_arrays(rows, max_matches, rng, pad_to_max=pad_to_max).items()}
     batch["pixel_a"] = torch.from_numpy(np.stack(pixels_a))
     batch["pixel_b"] = torch.from_numpy(np.stack(pixels_b))
     return batch
@@ -202,13 +210,16 @@ class PairStream(IterableDataset):
     consumer normalises them with `preprocessing.normalise_tensor` (same values), e.g. on the GPU.
     pad_matches: matches are padded to cfg.max_matches in every batch (static shapes for a compiled step;
     the losses are the same, padding is masked).
+    pack: each batch is a `PackedBatch` (two buffers instead of sixteen tensors, see geod.stage2_distill.packing);
+    its `unpack` gives the same batch on the consumer's device.
     """
 
     def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, *, rank: int = 0, world_size: int = 1,
-                 raw_pixels: bool = False, pad_matches: bool = False) -> None:
+                 raw_pixels: bool = False, pad_matches: bool = False, pack: bool = False) -> None:
         super().__init__()
         self.raw_pixels = raw_pixels
         self.pad_matches = pad_matches
+        self.pack = pack
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         self.cfg = cfg
@@ -265,7 +276,8 @@ class PairStream(IterableDataset):
             for block in [b for b in cache if b not in following]:
                 cache.pop(block)
 
-    def _batch(self, positions: np.ndarray, blocks: np.ndarray, cache: dict, stream: int, local: int) -> dict:
+    def _batch(self, positions: np.ndarray, blocks: np.ndarray, cache: dict, stream: int,
+               local: int) -> dict | PackedBatch:
         rows, pixels_a, pixels_b = [], [], []
         index = self.index
         for position, block in zip(positions.tolist(), blocks.tolist()):
@@ -276,8 +288,12 @@ class PairStream(IterableDataset):
             pixels_a.append(self.source.pixels(index.image_a[position], index.sha_a[position], raw=self.raw_pixels))
             pixels_b.append(self.source.pixels(index.image_b[position], index.sha_b[position], raw=self.raw_pixels))
         rng = np.random.default_rng([self.cfg.seed, self.epoch, _MATCHES, stream, local])
+        pair_id = [index.pair_id[p] for p in positions.tolist()]
+        if self.pack:
+            arrays = collate_arrays(rows, self.cfg.max_matches, rng, pad_to_max=self.pad_matches)
+            return pack_batch(arrays, np.stack(pixels_a + pixels_b), pair_id)
         batch = collate_pairs(rows, pixels_a, pixels_b, self.cfg.max_matches, rng, pad_to_max=self.pad_matches)
-        batch["pair_id"] = [index.pair_id[p] for p in positions.tolist()]
+        batch["pair_id"] = pair_id
         return batch
 
 

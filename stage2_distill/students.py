@@ -80,13 +80,20 @@ class Preprocessing:
         """[256, 3] float32: the normalised value of each uint8 level per channel."""
         return self._normalise(np.arange(256, dtype=np.float32)[:, None])
 
-    def normalise_tensor(self, pixels):
-        """uint8 pixels [..., 3, H, W] (a torch tensor, any device) -> float32, bitwise equal to `__call__`:
-        the same table, looked up where the pixels are."""
+    def device_table(self, device):
+        """`table` as a torch tensor [3, 256] (channel-major) on `device`, for `normalise_tensor`. Build it once
+        and reuse it: a copy from pageable host memory waits for all work queued on the device."""
         import torch
 
-        table = torch.from_numpy(np.ascontiguousarray(self.table().T)).to(pixels.device)  # [3, 256]
-        offsets = (torch.arange(3, device=pixels.device) * 256).view(3, 1, 1)
+        return torch.from_numpy(np.ascontiguousarray(self.table().T)).to(device)
+
+    def normalise_tensor(self, pixels, table=None):
+        """uint8 pixels [..., 3, H, W] (a torch tensor, any device) -> float32, bitwise equal to `__call__`:
+        the same table (`device_table`, built here when not given), looked up where the pixels are."""
+        import torch
+
+        table = self.device_table(pixels.device) if table is None else table
+        offsets = torch.arange(0, 3 * 256, 256, device=pixels.device).view(3, 1, 1)
         return torch.take(table, pixels.long() + offsets)
 
     def _resized(self, image: np.ndarray) -> np.ndarray:

@@ -3,7 +3,8 @@
 One step: learning rate from a pure schedule, forward under bf16 autocast on CUDA, the four losses,
 backward, gradient all-reduce across ranks (torchrun), clipping, and a non-finite guard that skips the
 update (and aborts after `optim.max_nonfinite` skips in a row). Checkpoints every `run.checkpoint_every`
-steps restore exactly: weights, optimizer, RNG, step and data position.
+steps restore exactly: weights, optimizer, RNG, step and data position. The step itself lives in
+geod.stage2_distill.step (`train_step` and `make_optimizer` are importable from here too).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ from geod.stage2_distill.checkpoint import (
 from geod.stage2_distill.config import DistillConfig, OptimConfig
 from geod.stage2_distill.data import PairStream, make_loader
 from geod.stage2_distill.model import DistillModel
+from geod.stage2_distill.step import (  # noqa: F401
+    BatchMover,
+    StepOutcome,
+    launch_step,
+    make_optimizer,
+    train_step,
+)
 from geod.stage2_distill.students import create_student, save_base
 
 LOSS_NAMES = ("total", "ap", "depth", "rank", "kl", "preserve")
@@ -104,84 +112,9 @@ def _student_info(cfg: DistillConfig, student, base_in_run: bool, run_dir: Path)
     return info
 
 
-def make_optimizer(params: list, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW on `params`. On CUDA the fused implementation updates every tensor in one kernel launch instead
-    of several per parameter (a step of a ViT-B student has about 70 trainable tensors); on CPU the default
-    implementation is kept."""
-    fused = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **fused)
-
-
-def _to_device(batch: dict, device: torch.device, preprocessing=None) -> dict:
-    """The batch on `device` (asynchronous copies from pinned memory); uint8 pixels, as a stream made with
-    `raw_pixels` sends them, are normalised there with `preprocessing` (bitwise what the workers would do)."""
-    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    for key in ("pixel_a", "pixel_b"):
-        if key in moved and moved[key].dtype == torch.uint8:
-            if preprocessing is None:
-                raise ValueError(f"batch[{key!r}] holds uint8 pixels; their Preprocessing is needed to normalise")
-            moved[key] = preprocessing.normalise_tensor(moved[key])
-    return moved
-
-
-def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in params:
-        count = p.numel()
-        p.grad = flat[offset:offset + count].view_as(p).clone()
-        offset += count
-
-
-def train_step(model: DistillModel, batch: dict, optimizer: torch.optim.Optimizer, params: list, cfg: DistillConfig,
-               cv_grid: tuple[int, int], device: torch.device, world: int) -> tuple[dict, float, bool]:
-    """One optimisation step; returns (loss values, gradient norm, whether the update was applied)."""
-    use_bf16 = cfg.run.bf16 and device.type == "cuda"
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        parts = model(batch, cfg.loss, cv_grid)
-    total = parts["total"]
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    names = list(parts)
-    if world == 1:
-        # One host-device synchronisation per step: backward and clipping are queued without waiting for the
-        # loss, and the loss check, the gradient norm and the logged values come back together. A non-finite
-        # loss makes the same decision as checking it first (no update); its gradients are discarded.
-        loss_finite = torch.isfinite(total.detach())
-        total.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        fetched = torch.stack([loss_finite.float(), norm.detach().float(),
-                               *(parts[k].detach().float() for k in names)]).tolist()
-        loss_ok, norm_value, values = fetched[0] > 0, fetched[1], fetched[2:]
-        grad_norm = norm_value if loss_ok else float("nan")
-        finite = loss_ok and math.isfinite(norm_value)
-        if finite:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return dict(zip(names, values)), grad_norm, finite
-    finite = bool(torch.isfinite(total))
-    grad_norm = float("nan")
-    if finite:
-        total.backward()
-    import torch.distributed as dist
-
-    flag = torch.tensor([1.0 if finite else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    finite = bool(flag.item() > 0)
-    if finite:
-        _all_reduce_grads(params, world)
-    if finite:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        finite = math.isfinite(grad_norm)
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {k: float(v.detach()) for k, v in parts.items()}, grad_norm, finite
+def _to_device(batch, device: torch.device, preprocessing=None) -> dict:
+    """`batch` on `device`, uint8 pixels normalised there (a one-off `BatchMover`)."""
+    return BatchMover(device, preprocessing)(batch)
 
 
 @dataclass
@@ -230,10 +163,11 @@ def _setup(cfg: DistillConfig) -> _Session:
     if compiled:
         model.compile_losses()
     # On CUDA the workers send resized uint8 pixels (a quarter of the bytes to make, pin and copy) and the
-    # normalisation runs on the GPU, with the same float32 values. A compiled loss section gets every batch
-    # padded to data.max_matches, so it is compiled once.
-    stream = PairStream(cfg.data, student.preprocessing, rank=rank, world_size=world,
-                        raw_pixels=device.type == "cuda", pad_matches=compiled)
+    # normalisation runs on the GPU, with the same float32 values; each batch travels packed in two buffers.
+    # A compiled loss section gets every batch padded to data.max_matches, so it is compiled once.
+    cuda = device.type == "cuda"
+    stream = PairStream(cfg.data, student.preprocessing, rank=rank, world_size=world, raw_pixels=cuda,
+                        pad_matches=compiled, pack=cuda)
     return _Session(cfg=cfg, config=resolved.to_dict(), model=model, params=params, optimizer=optimizer,
                     stream=stream, student_info=_student_info(resolved, student, base_in_run, run_dir),
                     device=device, rank=rank, world=world)
@@ -248,7 +182,8 @@ def _log(writer, losses: dict, lr: float, grad_norm: float, state: TrainState) -
 
 
 def _batches(run: _Session, state: TrainState):
-    """Batches from the current data position on, across epochs, forever."""
+    """Batches from the current data position on, across epochs, forever, on the device."""
+    mover = BatchMover(run.device, run.stream.source.preprocessing)
     while True:
         if state.batch >= run.stream.batches_per_epoch(state.epoch):
             state.epoch, state.batch = state.epoch + 1, 0
@@ -256,7 +191,7 @@ def _batches(run: _Session, state: TrainState):
         yielded = 0
         for batch in make_loader(run.stream, pin_memory=run.device.type == "cuda"):
             yielded += 1
-            yield _to_device(batch, run.device, run.stream.source.preprocessing)
+            yield mover(batch)
         if yielded == 0:
             raise ConfigError(f"{run.cfg.data.shards}: the data stream yielded nothing at epoch {state.epoch}, "
                               f"batch {state.batch}")
@@ -287,33 +222,49 @@ def run_distill(cfg: DistillConfig) -> RunSummary:
     last_losses: dict = {}
     last_checkpoint = checkpoints[-1] if checkpoints else None
     batches = _batches(run, state)
+    pending: tuple[int, StepOutcome] | None = None  # a queued step whose outcome is read after the next is queued
+
+    def account(step: int, outcome: StepOutcome) -> float:
+        """Fold a step's outcome into the state and the loss window; returns its gradient norm."""
+        values, grad_norm, applied = outcome.result()
+        state.nonfinite_streak = 0 if applied else state.nonfinite_streak + 1
+        if applied:
+            for name in LOSS_NAMES:
+                window[name].append(values[name])
+        else:
+            state.skipped += 1
+            if state.nonfinite_streak >= cfg.optim.max_nonfinite:
+                raise TrainingDiverged(f"{state.nonfinite_streak} consecutive steps with a non-finite loss or "
+                                       f"gradient (last at step {step}); lower optim.lr")
+        return grad_norm
+
     try:
         while state.step < stop_at:
             batch = next(batches)
             lr = learning_rate(state.step, cfg.optim)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            values, grad_norm, applied = train_step(run.model, batch, run.optimizer, run.params, cfg,
-                                                    run.stream.cv_grid, run.device, run.world)
+            outcome = launch_step(run.model, batch, run.optimizer, run.params, cfg, run.stream.cv_grid, run.device,
+                                  run.world)
             state.step += 1
             state.batch += 1
-            state.nonfinite_streak = 0 if applied else state.nonfinite_streak + 1
-            if applied:
-                for name in LOSS_NAMES:
-                    window[name].append(values[name])
+            if pending is not None:
+                account(*pending)
+                pending = None
+            log_now = state.step % cfg.run.log_every == 0 or state.step == stop_at
+            save_now = state.step % cfg.run.checkpoint_every == 0 or state.step == stop_at
+            if outcome.deferred and not (log_now or save_now):
+                pending = (state.step, outcome)  # read once the next step is queued: no wait for the device
             else:
-                state.skipped += 1
-                if state.nonfinite_streak >= cfg.optim.max_nonfinite:
-                    raise TrainingDiverged(f"{state.nonfinite_streak} consecutive steps with a non-finite loss or "
-                                           f"gradient (last at step {state.step}); lower optim.lr")
+                grad_norm = account(state.step, outcome)
             bar.update(1)
-            if state.step % cfg.run.log_every == 0 or state.step == stop_at:
+            if log_now:
                 last_losses = {k: sum(v) / len(v) for k, v in window.items() if v}
                 window = {name: [] for name in LOSS_NAMES}
                 if writer is not None:
                     _log(writer, last_losses, lr, grad_norm, state)
                 bar.set_postfix(loss=f"{last_losses.get('total', float('nan')):.4f}", lr=f"{lr:.2e}")
-            if state.step % cfg.run.checkpoint_every == 0 or state.step == stop_at:
+            if save_now:
                 if run.rank == 0:
                     last_checkpoint = save_checkpoint(run_dir, run.model, run.optimizer, state, run.config,
                                                       cfg.run.keep_checkpoints)

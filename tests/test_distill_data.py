@@ -123,6 +123,49 @@ def test_raw_pixels_normalised_afterwards_equal_the_normalised_stream(dataset, w
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("raw", [False, True])
+def test_packed_batches_unpack_to_the_collated_ones(dataset, workers, raw):
+    # What the workers send on CUDA: each batch as one pixel tensor and one target buffer. Unpacked (and, for
+    # uint8 pixels, normalised) by the consumer it is bitwise the batch of the unpacked stream, key by key.
+    from geod.stage2_distill.packing import PackedBatch
+    from geod.stage2_distill.step import BatchMover
+
+    cfg = _config(dataset, workers=workers, max_matches=5)
+    plain = list(make_loader(PairStream(cfg, PREP, pad_matches=True)))
+    packed = list(make_loader(PairStream(cfg, PREP, raw_pixels=raw, pad_matches=True, pack=True)))
+    assert len(plain) == len(packed) > 0
+    mover = BatchMover(torch.device("cpu"), PREP)
+    for a, p in zip(plain, packed):
+        assert isinstance(p, PackedBatch) and p.targets.dtype == torch.uint8
+        assert p.pixels.dtype == (torch.uint8 if raw else torch.float32)
+        b = mover(p)
+        assert list(b) == list(a)  # same keys, same order
+        assert b["pair_id"] == a["pair_id"]
+        for key in a:
+            if key != "pair_id":
+                assert b[key].dtype == a[key].dtype and torch.equal(b[key], a[key]), key
+
+
+def test_pack_batch_aligns_every_array_and_refuses_unknown_dtypes():
+    from geod.stage2_distill.packing import ALIGN, pack_batch
+
+    arrays = {"flag": np.array([True, False, True]), "index": np.arange(5, dtype=np.int64).reshape(1, 5),
+              "empty": np.zeros((2, 0), np.float32), "half": np.array([1.5, -2.0], np.float16)}
+    pixels = np.arange(2 * 3 * 2 * 2, dtype=np.uint8).reshape(2, 3, 2, 2)
+    packed = pack_batch(arrays, pixels, ["p"])
+    assert all(offset % ALIGN == 0 for _, _, _, offset in packed.fields)
+    out = packed.unpack("cpu")
+    for key, value in arrays.items():
+        assert torch.equal(out[key], torch.from_numpy(value)), key
+    assert torch.equal(out["pixel_a"], torch.from_numpy(pixels[:1]))
+    assert torch.equal(out["pixel_b"], torch.from_numpy(pixels[1:]))
+    with pytest.raises(ValueError, match="complex64"):
+        pack_batch({"z": np.zeros(2, np.complex64)}, pixels, ["p"])
+    with pytest.raises(ValueError, match=r"\[2B, 3, H, W\]"):
+        pack_batch(arrays, pixels[:1], ["p"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_resuming_at_a_batch_gives_the_rest_of_the_epoch(dataset, workers):
     stream = PairStream(_config(dataset, workers=workers, batch_size=1, seed=5), PREP)
     stream.set_position(1, 0)

@@ -25,7 +25,7 @@ def dataset(tmp_path_factory):
 def _config(dataset, out, *, steps=6, **run) -> DistillConfig:
     return DistillConfig(
         data=DataConfig(shards=str(dataset), batch_size=3, workers=0, shuffle_blocks=2, max_matches=12),
-        run=RunConfig(out=out, checkpoint_every=100, log_every=1, progress=False, **run),
+        run=RunConfig(out=out, **{"checkpoint_every": 100, "log_every": 1, "progress": False, **run}),
         student=StudentConfig(image_size=(32, 48), lora_layers=(2, 3), adapter_dim=8, lora_dropout=0.1),
         optim=OptimConfig(lr=1e-3, warmup_steps=2, max_steps=steps))
 
@@ -264,3 +264,91 @@ def test_cuda_step_with_compiled_losses_fused_adamw_and_uint8_pixels(tmp_path):
                                                   optimizer, params, cfg, (4, 6), device, 1)
     assert applied and math.isfinite(grad_norm) and math.isfinite(values["total"])
     assert any(not torch.equal(b, p) for b, p in zip(before, params))
+
+
+def _fused_cpu_optimizer(params, cfg, device):
+    # Fused AdamW exists on CPU too: it takes the same device-side skip flag as on CUDA.
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
+
+
+def test_a_step_skipped_on_the_device_leaves_the_optimizer_untouched_and_a_finite_one_is_the_waited_step():
+    import copy
+
+    from geod.stage2_distill import step
+    from geod.stage2_distill.students import create_student
+
+    torch.manual_seed(0)
+    student = create_student(StudentConfig(image_size=(32, 48)))
+    scfg = StudentConfig(image_size=(32, 48), lora_layers=(2, 3), adapter_dim=8)
+    cfg = DistillConfig(data=DataConfig(shards="unused"), run=RunConfig(out="unused"), student=scfg,
+                        optim=OptimConfig(lr=1e-3, warmup_steps=0))
+    model = DistillModel(student, scfg.resolved(student.num_layers, student.image_size)).train()
+    twin = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    twin_params = [p for p in twin.parameters() if p.requires_grad]
+    optimizer = _fused_cpu_optimizer(params, cfg.optim, None)
+    twin_optimizer = _fused_cpu_optimizer(twin_params, cfg.optim, None)
+    batch = _random_batch(2, 6, 24, 4, torch.device("cpu"))
+    cpu = torch.device("cpu")
+
+    outcome = step.launch_step(model, batch, optimizer, params, cfg, (4, 6), cpu, 1)
+    assert outcome.deferred
+    # The same step the way it is taken without the device-side flag: check first, then update.
+    parts = twin(batch, cfg.loss, (4, 6))
+    parts["total"].backward()
+    norm = torch.nn.utils.clip_grad_norm_(twin_params, cfg.optim.grad_clip)
+    twin_optimizer.step()
+    values, grad_norm, applied = outcome.result()
+    assert applied and grad_norm == pytest.approx(float(norm), rel=1e-6)
+    assert values == {k: float(v.detach()) for k, v in parts.items()}
+    assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+
+    state = copy.deepcopy(optimizer.state_dict())
+    before = [p.detach().clone() for p in params]
+    forward = DistillModel.forward
+    try:
+        DistillModel.forward = lambda self, b, loss_cfg, grid: {**forward(self, b, loss_cfg, grid),
+                                                                "total": forward(self, b, loss_cfg, grid)["total"]
+                                                                * float("nan")}
+        skipped = step.launch_step(model, batch, optimizer, params, cfg, (4, 6), cpu, 1).result()
+    finally:
+        DistillModel.forward = forward
+    assert skipped[2] is False and math.isnan(skipped[1])
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    after = optimizer.state_dict()
+    for key, value in state["state"].items():
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(after["state"][key][name], value[name]), name
+
+
+def test_outcomes_read_one_step_late_give_the_same_run(dataset, tmp_path, monkeypatch):
+    # With fused AdamW the loop reads a step's outcome after queuing the next one (except at log and checkpoint
+    # steps). Logging every step reads every outcome at once; both runs must end in the same weights, count
+    # the same skipped step and still abort on a streak of non-finite steps.
+    monkeypatch.setattr(train, "make_optimizer", _fused_cpu_optimizer)
+    forward = DistillModel.forward
+    calls = []
+
+    def poisoned(self, batch, loss_cfg, cv_grid):
+        parts = forward(self, batch, loss_cfg, cv_grid)
+        calls.append(1)
+        if len(calls) % 6 == 3:  # the third step of each run
+            parts["total"] = parts["total"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(DistillModel, "forward", poisoned)
+    late = train.run_distill(_config(dataset, tmp_path / "late", log_every=4))
+    at_once = train.run_distill(_config(dataset, tmp_path / "at-once", log_every=1))
+    assert late.steps == at_once.steps == 6 and late.skipped_steps == at_once.skipped_steps == 1
+    a, b = (_trainable(list_checkpoints(tmp_path / name)[-1]) for name in ("late", "at-once"))
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    optim = load_file(list_checkpoints(tmp_path / "late")[-1] / "optimizer.safetensors")
+    assert all(v.item() == 5.0 for k, v in optim.items() if k.endswith(".step"))
+
+    monkeypatch.setattr(DistillModel, "forward", lambda self, batch, loss_cfg, cv_grid: {
+        **forward(self, batch, loss_cfg, cv_grid), "total": torch.tensor(float("inf"), requires_grad=True)})
+    cfg = _config(dataset, tmp_path / "inf", steps=5, log_every=10)
+    cfg.optim.max_nonfinite = 2
+    with pytest.raises(train.TrainingDiverged, match="2 consecutive"):
+        train.run_distill(cfg)

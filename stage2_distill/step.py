@@ -1,0 +1,180 @@
+"""One optimisation step of `geod distill`, and the batches it is fed.
+
+A step queues the forward pass, the losses, backward, gradient clipping and the AdamW update on the device.
+With fused AdamW (what `geod distill` uses on CUDA) the non-finite guard runs there as well: the update is
+skipped by the optimizer's kernel when the loss or the gradient norm is not finite. The step's loss values,
+gradient norm and guard decision come back in one small copy that the caller reads when it needs them
+(`StepOutcome.result`). The training loop reads them one step late, after queuing the next step: the host then
+never waits for the device in the middle of the loop, the device never waits for the host between steps, and
+fetching the next batch overlaps the device's work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from geod.stage2_distill.config import DistillConfig, OptimConfig
+from geod.stage2_distill.model import DistillModel
+from geod.stage2_distill.packing import PackedBatch
+
+
+def make_optimizer(params: list, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW on `params`. On CUDA the fused implementation updates every tensor in one kernel launch instead
+    of several per parameter (a step of a ViT-B student has about 70 trainable tensors) and can skip an update
+    on the device (see `launch_step`); on CPU the default implementation is kept."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **fused)
+
+
+class BatchMover:
+    """Moves loader batches to `device`. uint8 pixels (a stream made with `raw_pixels`) are normalised there
+    with `preprocessing`, bitwise what the workers would compute; the lookup table goes to the device once."""
+
+    def __init__(self, device: torch.device, preprocessing=None) -> None:
+        self.device = device
+        self.preprocessing = preprocessing
+        self._table = None
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> the student's float32 input; other dtypes are already normalised."""
+        if pixels.dtype != torch.uint8:
+            return pixels
+        if self.preprocessing is None:
+            raise ValueError("the batch holds uint8 pixels; their Preprocessing is needed to normalise them")
+        if self._table is None:
+            self._table = self.preprocessing.device_table(self.device)
+        return self.preprocessing.normalise_tensor(pixels, self._table)
+
+    def __call__(self, batch: dict | PackedBatch) -> dict:
+        """The batch on the device (asynchronous copies from pinned memory)."""
+        if isinstance(batch, PackedBatch):
+            return batch.unpack(self.device, self.normalise)
+        moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        for key in ("pixel_a", "pixel_b"):
+            if key in moved:
+                moved[key] = self.normalise(moved[key])
+        return moved
+
+
+class StepOutcome:
+    """A queued step's loss values, gradient norm and whether its update was applied.
+
+    `deferred`: the values are still on their way from the device; `result()` waits for them.
+    """
+
+    def __init__(self, names: list[str], stats: torch.Tensor, event=None, *, deferred: bool = False) -> None:
+        self.names = names
+        self.stats = stats  # [loss finite (0/1), gradient norm, *loss values]
+        self.event = event
+        self.deferred = deferred
+        self._result = None
+
+    @classmethod
+    def done(cls, values: dict, grad_norm: float, applied: bool) -> StepOutcome:
+        """An outcome already read."""
+        outcome = cls(list(values), torch.empty(0))
+        outcome._result = values, grad_norm, applied
+        return outcome
+
+    def result(self) -> tuple[dict, float, bool]:
+        """(loss values, gradient norm (nan when the loss was not finite), update applied)."""
+        if self._result is None:
+            if self.event is not None:
+                self.event.synchronize()
+            fetched = self.stats.tolist()
+            loss_ok, norm_value, values = fetched[0] > 0, fetched[1], fetched[2:]
+            grad_norm = norm_value if loss_ok else float("nan")
+            self._result = dict(zip(self.names, values)), grad_norm, loss_ok and math.isfinite(norm_value)
+        return self._result
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer takes a device-side skip flag: fused AdamW reads `found_inf` (the protocol
+    torch.amp.GradScaler uses) and then leaves parameters, moments and step count untouched."""
+    return bool(optimizer.defaults.get("fused")) and getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+def launch_step(model: DistillModel, batch: dict, optimizer: torch.optim.Optimizer, params: list,
+                cfg: DistillConfig, cv_grid: tuple[int, int], device: torch.device, world: int) -> StepOutcome:
+    """Queue one optimisation step. With a fused optimizer in a single process nothing waits for the device:
+    the outcome is read later. Otherwise (CPU, several ranks) the step waits once, to decide on the update."""
+    use_bf16 = cfg.run.bf16 and device.type == "cuda"
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        parts = model(batch, cfg.loss, cv_grid)
+    total = parts["total"]
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    names = list(parts)
+    if world > 1:
+        return StepOutcome.done(*_distributed_step(parts, optimizer, params, clip, device, world))
+    # Backward and clipping are queued without waiting for the loss; a non-finite loss makes the same decision
+    # as checking it first (no update), its gradients are discarded.
+    loss_finite = torch.isfinite(total.detach())
+    total.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    stats = torch.stack([loss_finite.float(), norm.detach().float(), *(parts[k].detach().float() for k in names)])
+    if not _skips_on_device(optimizer):
+        outcome = StepOutcome(names, stats)
+        if outcome.result()[2]:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return outcome
+    skip = torch.logical_or(stats[0] == 0, ~torch.isfinite(stats[1])).float()
+    optimizer.found_inf = skip
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    optimizer.zero_grad(set_to_none=True)
+    event = None
+    if device.type == "cuda":
+        host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+        host.copy_(stats, non_blocking=True)
+        stats = host
+        event = torch.cuda.Event()
+        event.record()
+    return StepOutcome(names, stats, event, deferred=True)
+
+
+def train_step(model: DistillModel, batch: dict, optimizer: torch.optim.Optimizer, params: list, cfg: DistillConfig,
+               cv_grid: tuple[int, int], device: torch.device, world: int) -> tuple[dict, float, bool]:
+    """One optimisation step, waited for; returns (loss values, gradient norm, whether the update was applied)."""
+    return launch_step(model, batch, optimizer, params, cfg, cv_grid, device, world).result()
+
+
+def _distributed_step(parts: dict, optimizer, params: list, clip: float, device: torch.device,
+                      world: int) -> tuple[dict, float, bool]:
+    """The step across ranks: all ranks skip together when any loss is not finite; gradients are averaged."""
+    import torch.distributed as dist
+
+    total = parts["total"]
+    finite = bool(torch.isfinite(total))
+    grad_norm = float("nan")
+    if finite:
+        total.backward()
+    flag = torch.tensor([1.0 if finite else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    finite = bool(flag.item() > 0)
+    if finite:
+        _all_reduce_grads(params, world)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        finite = math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {k: float(v.detach()) for k, v in parts.items()}, grad_norm, finite
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        count = p.numel()
+        p.grad = flat[offset:offset + count].view_as(p).clone()
+        offset += count
