@@ -12,7 +12,7 @@ Steps, in one process with one teacher:
 3. teacher only: `Mast3rTeacher.predict` on prepared pairs (network + matching + cost volume + copies);
 4. the whole extraction (`run_extract`: decode, prepare, predict, build targets, compress, hash, write,
    finalise) with the default layout (256 pairs per shard), wall-clock from start to card;
-   --variants COMPILE:WORKERS:LOADERS[:SWITCH_MS],... repeats 2-4 per variant, in order (compiling the blocks in
+   --variants COMPILE:WORKERS:LOADERS[:IN_FLIGHT],... repeats 2-4 per variant, in order (compiling the blocks in
    place when a variant names a torch.compile mode; "none" variants must come first; WORKERS target-building
    threads, LOADERS loader processes, 0 = loading in the threads);
 5. with --check-pairs N: extracts the first N pairs twice, serially (one loader, one predict at a time, one
@@ -115,8 +115,8 @@ def main() -> None:
     parser.add_argument("--write-workers", type=int, default=3)
     parser.add_argument("--head-precision", default="auto", help="the teacher option (auto = mixed on CUDA)")
     parser.add_argument("--variants", default="default:4:6",
-                        help="comma list of COMPILE:WORKERS:LOADERS[:SWITCH_MS] (COMPILE none or a torch.compile "
-                             "mode; LOADERS the runner's load_processes; SWITCH_MS its switch_interval_ms)")
+                        help="comma list of COMPILE:WORKERS:LOADERS[:IN_FLIGHT] (COMPILE none or a torch.compile "
+                             "mode; LOADERS the runner's load_processes; IN_FLIGHT its predict_in_flight)")
     parser.add_argument("--match-stride", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--check-pairs", type=int, default=0)
@@ -172,36 +172,39 @@ def main() -> None:
                   head_precision=teacher.head_precision)
 
     def extract(manifest_file: Path, out: Path, *, workers: int, loaders: int = 0, serial: bool = False,
-                pairs_per_shard: int | None = None, switch_ms: float | None = None) -> float:
+                pairs_per_shard: int | None = None, in_flight: int | None = None) -> float:
         shutil.rmtree(out, ignore_errors=True)
         shard_layout = layout if pairs_per_shard is None else DatasetLayout(pairs_per_shard=pairs_per_shard)
         cfg = ExtractConfig(pairs=manifest_file, out=out, teacher="mast3r", layout=shard_layout,
                             batch_size=args.batch, workers=1 if serial else workers,
                             load_processes=0 if serial else loaders,
                             write_workers=1 if serial else args.write_workers, progress=False,
-                            switch_interval_ms=switch_ms)
+                            predict_in_flight=in_flight)
         teacher.concurrent_predict = not serial  # instance attribute: the runner reads it
         sampler = UtilisationSampler(device) if cuda else None
-        begin = time.perf_counter()
+        begin, begin_wall = time.perf_counter(), time.time()
         summary = run_extract(cfg, teacher=teacher)
-        seconds = time.perf_counter() - begin
+        seconds, end_wall = time.perf_counter() - begin, time.time()
         if sampler is not None:
             last_gpu_utilisation[:] = [sampler.stop()]
-        last_waits[:] = [summary.waits, steady_rate(out, shard_layout.pairs_per_shard)]
+        stamps = sorted(p.stat().st_mtime for p in (out / "shards").glob("shard-*.json"))
+        last_waits[:] = [summary.waits, steady_rate(out, shard_layout.pairs_per_shard),
+                         {"first_shard_s": stamps[0] - begin_wall, "after_last_shard_s": end_wall - stamps[-1]}
+                         if stamps else None]
         del teacher.concurrent_predict
         if summary.ok != summary.pairs:
             raise SystemExit(f"{summary.failed} pairs failed")
         return seconds
 
     last_gpu_utilisation: list[float | None] = [None]
-    last_waits: list = [None, None]
+    last_waits: list = [None, None, None]
     report["variants"] = []
     compiled = "none"
     for variant in args.variants.split(","):
-        mode, workers, loaders, *switch = variant.split(":")
-        workers, loaders, switch_ms = int(workers), int(loaders), (float(switch[0]) if switch else None)
+        mode, workers, loaders, *in_flight = variant.split(":")
+        workers, loaders, in_flight = int(workers), int(loaders), (int(in_flight[0]) if in_flight else None)
         entry = {"compile": mode, "workers": workers, "load_processes": loaders, "write_workers": args.write_workers,
-                 "switch_ms": switch_ms}
+                 "predict_in_flight": in_flight}
         if mode != compiled:
             if compiled != "none":
                 raise SystemExit("--variants: list the 'none' variants first, then one compile mode")
@@ -227,10 +230,10 @@ def main() -> None:
         entry["predict_pairs_per_s"] = args.batch * args.iters / (time.perf_counter() - start)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = extract(manifest_path, work / "out", workers=workers, loaders=loaders, switch_ms=switch_ms)
+        seconds = extract(manifest_path, work / "out", workers=workers, loaders=loaders, in_flight=in_flight)
         entry.update(extract_pairs_per_s=args.pairs / seconds, extract_s=seconds,
                      gpu_utilisation_mean=last_gpu_utilisation[0], main_loop_waits_s=last_waits[0],
-                     steady_pairs_per_s=last_waits[1],
+                     steady_pairs_per_s=last_waits[1], start_and_end=last_waits[2],
                      extract_over_network=args.pairs / seconds / network,
                      dataset_bytes=sum(p.stat().st_size for p in (work / "out").rglob("*") if p.is_file()))
         if cuda:
@@ -241,7 +244,7 @@ def main() -> None:
               f"pairs/s ({seconds:.1f} s for {args.pairs} pairs) = {100 * entry['extract_over_network']:.1f} % "
               f"of the network-only throughput; GPU busy {entry['gpu_utilisation_mean']}; between the first and "
               f"the last shard published {entry['steady_pairs_per_s']} pairs/s; main loop waits "
-              f"{entry['main_loop_waits_s']}", flush=True)
+              f"{entry['main_loop_waits_s']}; {entry['start_and_end']}", flush=True)
         print(json.dumps(entry), flush=True)
 
     if args.check_pairs:
@@ -251,7 +254,7 @@ def main() -> None:
         per_shard = max(layout.rows_per_chunk, args.check_pairs // 3 // layout.rows_per_chunk * layout.rows_per_chunk)
         serial_s = extract(small, work / "serial", workers=1, serial=True, pairs_per_shard=per_shard)
         parallel_s = extract(small, work / "parallel", workers=workers, loaders=loaders, pairs_per_shard=per_shard,
-                             switch_ms=switch_ms)
+                             in_flight=in_flight)
         same = files_of(work / "serial") == files_of(work / "parallel")
         problems = validate_dataset(work / "parallel")
         report["check"] = {"pairs": args.check_pairs, "pairs_per_shard": per_shard, "byte_identical": same,

@@ -62,6 +62,8 @@ class ExtractConfig:
     finished shard in memory), in processes when `write_in_processes` (None: on Linux when there are loader
     processes; zarr's writes need the interpreter lock often, and starve the GPU thread of it; elsewhere a
     writer process could outlive a killed run);
+    predict_in_flight: batches handed to the teacher at once (None: 3 for teachers that allow concurrent
+    calls, so that one batch's network is queued while another's results come back; else 1);
     seed: mixed into each pair's match sampling;
     cv_sigma: width (patches) of flow-derived cost-volume rows; overwrite: replace a dataset made with other
     settings; verify_existing: re-hash finished shards before skipping them; progress: show a tqdm bar.
@@ -77,6 +79,7 @@ class ExtractConfig:
     load_processes: int | None = None
     write_workers: int = 2
     write_in_processes: bool | None = None
+    predict_in_flight: int | None = None
     dataset_version: str = "0.1.0"
     licence: str | None = None
     seed: int = 0
@@ -100,6 +103,8 @@ class ExtractConfig:
         if self.batch_size < 1 or self.workers < 1 or self.write_workers < 1:
             raise ConfigError(f"batch_size, workers and write_workers must be >= 1, got {self.batch_size}, "
                               f"{self.workers}, {self.write_workers}")
+        if self.predict_in_flight is not None and self.predict_in_flight < 1:
+            raise ConfigError(f"predict_in_flight must be >= 1 or None (automatic), got {self.predict_in_flight}")
         if self.load_processes is not None and self.load_processes < 0:
             raise ConfigError(f"load_processes must be >= 0 or None (automatic), got {self.load_processes}")
         TargetConfig.from_layout(self.layout, cv_sigma=self.cv_sigma, seed=self.seed)  # validates cv_sigma
@@ -165,7 +170,7 @@ def _extract_locked(cfg: ExtractConfig, teacher: Teacher, targets: TargetConfig,
             todo.append(shard)
     done = len(manifest.rows) - sum(len(blocks[shard]) for shard in todo)
 
-    n_predict = 2 if getattr(teacher, "concurrent_predict", False) else 1
+    n_predict = cfg.predict_in_flight or (3 if getattr(teacher, "concurrent_predict", False) else 1)
     previous_interval = sys.getswitchinterval()
     if cfg.switch_interval_ms is not None:
         sys.setswitchinterval(cfg.switch_interval_ms / 1000)

@@ -153,8 +153,8 @@ class Teacher(ABC):
     def preprocessing(self) -> dict:
         """How the teacher turns source images into its input (resolution, normalisation), for the card."""
 
-    # True when `predict` may be called from two threads at once (the runner then overlaps one batch's
-    # host-side work with the next batch's device work); results must not depend on the interleaving.
+    # True when `predict` may be called from several threads at once (the runner then overlaps one batch's
+    # host-side work with the next batches' device work); results must not depend on the interleaving.
     concurrent_predict: bool = False
 
     def prepare(self, pair: PairData) -> PairData:

@@ -19,6 +19,7 @@ formed in blocks whose size is bounded by `block_elems`, so memory stays flat wh
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +65,15 @@ class PairMatches:
 
 
 def reciprocal_matches(desc_a: torch.Tensor, desc_b: torch.Tensor, conf_a: torch.Tensor | None = None,
-                       conf_b: torch.Tensor | None = None, *, cfg: MatchConfig | None = None) -> list[PairMatches]:
+                       conf_b: torch.Tensor | None = None, *, cfg: MatchConfig | None = None,
+                       switch_guard=None) -> list[PairMatches]:
     """Match a batch of pairs. desc_a [B, Ha, Wa, D], desc_b [B, Hb, Wb, D] (any float dtype; compared in
     float32, or float64 when given float64); conf_a [B, Ha, Wa] and conf_b [B, Hb, Wb] for the confidence
-    test (skipped when None). Returns one PairMatches per pair, on the descriptors' device."""
+    test (skipped when None). Returns one PairMatches per pair, on the descriptors' device.
+
+    The fused kernel needs no TF32 switch; the torch path turns TF32 off, a process-wide setting, while it
+    runs. `switch_guard` (a lock or other context manager) is held meanwhile, for callers running other
+    device work in parallel threads."""
     cfg = cfg or MatchConfig()
     if desc_a.ndim != 4 or desc_b.ndim != 4 or desc_a.shape[0] != desc_b.shape[0] \
             or desc_a.shape[3] != desc_b.shape[3]:
@@ -83,9 +89,14 @@ def reciprocal_matches(desc_a: torch.Tensor, desc_b: torch.Tensor, conf_a: torch
     ys = torch.arange(min(cfg.offset, ha), ha, cfg.stride, device=device)
     xs = torch.arange(min(cfg.offset, wa), wa, cfg.stride, device=device)
     seeds = (ys[:, None] * wa + xs[None, :]).reshape(-1)
-    with tf32(device, enabled=False):  # exact products: TF32 could swap close neighbours
-        search_b, search_a = _searchers(feats_a, feats_b, cfg)
-        idx_a, idx_b, ok = _iterate(feats_a, feats_b, seeds.expand(batch, -1).clone(), cfg, search_b, search_a)
+    search_b, search_a, fused = _searchers(feats_a, feats_b, cfg)
+    if fused:
+        switches = contextlib.nullcontext()
+    else:  # exact products: TF32 could swap close neighbours
+        switches = _both(switch_guard or contextlib.nullcontext(), tf32(device, enabled=False))
+    with switches:
+        idx_a, idx_b, ok = _iterate(feats_a, feats_b, seeds.expand(batch, -1).clone(), cfg, search_b, search_a,
+                                    fused)
     ok &= _inside(idx_a, ha, wa, cfg.border) & _inside(idx_b, hb, wb, cfg.border)
     if cfg.conf_quantile > 0:
         for conf, idx, name in ((conf_a, idx_a, "conf_a"), (conf_b, idx_b, "conf_b")):
@@ -94,8 +105,15 @@ def reciprocal_matches(desc_a: torch.Tensor, desc_b: torch.Tensor, conf_a: torch
     return _collect(idx_a, idx_b, ok, ha * wa, hb * wb, wa, wb)
 
 
+@contextlib.contextmanager
+def _both(outer, inner):
+    with outer, inner:
+        yield
+
+
 def _searchers(feats_a, feats_b, cfg: MatchConfig):
-    """(nearest-in-B, nearest-in-A) functions of queries [B, S, D] -> indices [B, S]."""
+    """(nearest-in-B, nearest-in-A, fused): functions of queries [B, S, D] -> indices [B, S], and whether
+    they are the fused kernel's."""
     use_triton = cfg.kernel == "triton"
     if cfg.kernel == "auto" and feats_a.dtype == torch.float32 and feats_a.device.type == "cuda":
         # float16 screening needs finite values far from its range limit (descriptors are unit vectors);
@@ -108,22 +126,28 @@ def _searchers(feats_a, feats_b, cfg: MatchConfig):
         from geod.stage1_extract.mast3r.nn_triton import TritonNN  # noqa: PLC0415 - needs triton (CUDA)
 
         in_b, in_a = TritonNN(feats_b), TritonNN(feats_a)
-        return in_b.argmax, in_a.argmax
-    return (lambda q: _argmax_dot(q, feats_b, cfg.block_elems)), (lambda q: _argmax_dot(q, feats_a, cfg.block_elems))
+        return in_b.argmax, in_a.argmax, True
+    return ((lambda q: _argmax_dot(q, feats_b, cfg.block_elems)), (lambda q: _argmax_dot(q, feats_a, cfg.block_elems)),
+            False)
 
 
-def _iterate(feats_a, feats_b, xy1, cfg: MatchConfig, search_b, search_a):
+def _iterate(feats_a, feats_b, xy1, cfg: MatchConfig, search_b, search_a, fused: bool):
     """The seeded A -> B -> A iteration, all pairs at once. Returns (idx_a, idx_b, converged) [B, S].
 
-    One host sync per round (the number of unconverged chains, which sizes both of its searches): each
-    sync idles the device until the host has launched the next kernels, so they are kept few."""
+    Each round searches only the unconverged chains, packed to the front. The fused kernel takes their
+    number per pair from device memory, so the rounds run without a host sync (each sync would idle the
+    device until the host launched the next kernels; a converged batch's remaining rounds cost a few
+    empty launches). The torch path sizes its products on the host: one sync per round."""
     xy2 = torch.full_like(xy1, -1)
     old1, old2 = xy1.clone(), xy2.clone()
     notyet = torch.ones_like(xy1, dtype=torch.bool)
     for step in range(cfg.max_iter):
-        count = int(notyet.sum(dim=1).max()) if step else xy1.shape[1]
-        if count == 0:
-            break
+        if fused:
+            count = notyet.sum(dim=1, dtype=torch.int32)  # stays on the device
+        else:
+            count = int(notyet.sum(dim=1).max()) if step else xy1.shape[1]
+            if count == 0:
+                break
         # the second search's active set is a subset of the first's, so `count` bounds both
         xy2 = torch.where(notyet, _nn_of(feats_a, xy1, search_b, notyet, count), xy2)
         notyet &= old2 != xy2
@@ -133,17 +157,22 @@ def _iterate(feats_a, feats_b, xy1, cfg: MatchConfig, search_b, search_a):
     return xy1, xy2, ~notyet
 
 
-def _nn_of(src: torch.Tensor, src_idx: torch.Tensor, search, active: torch.Tensor, count: int) -> torch.Tensor:
+def _nn_of(src: torch.Tensor, src_idx: torch.Tensor, search, active: torch.Tensor, count) -> torch.Tensor:
     """Nearest neighbour (`search`: queries -> database indices) of src[b, src_idx[b, s]] for the active
-    entries [B, S], of which no row has more than `count`; inactive entries get an arbitrary value. Active
-    entries are packed to the front so that a late round, where few chains remain, costs little."""
+    entries [B, S]; inactive entries get an arbitrary value. Active entries are packed to the front so that
+    a late round, where few chains remain, costs little. `count`: an int bounding every row's active
+    entries (only that many columns are searched), or an int32 [B] device tensor of them (the fused
+    kernel's searches then skip the rest themselves)."""
     out = torch.zeros_like(src_idx)
-    if count == 0:
+    if isinstance(count, int) and count == 0:
         return out
-    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :count]
+    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)
+    if isinstance(count, int):
+        order = order[:, :count]
     query_idx = src_idx.gather(1, order).clamp(min=0)
     queries = src.gather(1, query_idx[..., None].expand(-1, -1, src.shape[2]))
-    return out.scatter_(1, order, search(queries))
+    found = search(queries) if isinstance(count, int) else search(queries, count)
+    return out.scatter_(1, order, found)
 
 
 def _argmax_dot(queries: torch.Tensor, db: torch.Tensor, block_elems: int) -> torch.Tensor:

@@ -34,11 +34,13 @@ _TILE_MAX_BYTES = 1 << 29     # bound on pass 1's per-tile maxima: queries are t
 
 
 @triton.jit
-def _tile_max_kernel(q_ptr, db_ptr, tile_ptr, n_q, n_db, n_tiles, stride_qb, stride_dbb, tiles_per_split,
-                     DP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tile_max_kernel(q_ptr, db_ptr, tile_ptr, active_ptr, n_q, n_db, n_tiles, stride_qb, stride_dbb,
+                     tiles_per_split, DP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_q = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)  # this program's tiles: [split * tiles_per_split, + tiles_per_split)
+    if pid_q * BLOCK_Q >= tl.load(active_ptr + b):  # only inactive queries here: nothing to do
+        return
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     dims = tl.arange(0, DP)
     q = tl.load(q_ptr + b * stride_qb + rows[:, None] * DP + dims[None, :], mask=rows[:, None] < n_q, other=0.0)
@@ -54,12 +56,14 @@ def _tile_max_kernel(q_ptr, db_ptr, tile_ptr, n_q, n_db, n_tiles, stride_qb, str
 
 
 @triton.jit
-def _exact_argmax_kernel(q32_ptr, db32_ptr, tile_ptr, thr_ptr, val_ptr, idx_ptr, n_q, n_db, n_tiles, stride_qb,
-                         stride_dbb, tiles_per_split, n_batch, DIM: tl.constexpr, DP: tl.constexpr,
+def _exact_argmax_kernel(q32_ptr, db32_ptr, tile_ptr, thr_ptr, active_ptr, val_ptr, idx_ptr, n_q, n_db, n_tiles,
+                         stride_qb, stride_dbb, tiles_per_split, n_batch, DIM: tl.constexpr, DP: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_q = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
+    if pid_q * BLOCK_Q >= tl.load(active_ptr + b):  # its outputs keep their initial values (ignored)
+        return
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     thr = tl.load(thr_ptr + b * n_q + rows, mask=rows < n_q, other=float("inf"))
     best = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
@@ -116,16 +120,21 @@ class TritonNN:
         eps = rel * q_norm * self.db_norm[:, None] + _HALF_SUBNORMAL * (q_l1 + self.db_l1[:, None]) * 1.01
         return 2.02 * eps + 1e-30
 
-    def argmax(self, queries: torch.Tensor) -> torch.Tensor:
-        """[B, S, D] float32 queries -> [B, S] int64 index of the largest float32 dot product in the
-        database (first index on ties)."""
+    def argmax(self, queries: torch.Tensor, n_active: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S] int64 index of the largest float32 dot product in the database (first index on ties) of
+        each query of [B, S, D] float32 `queries`. With `n_active` (int32 [B], on the device), only the first
+        n_active[b] queries of row b are searched: the others get an arbitrary index, and no host sync is
+        needed to size the launch (the matcher's iteration runs without any)."""
         batch, n_q, _ = queries.shape
         if n_q == 0:
             return torch.zeros(batch, 0, dtype=torch.int64, device=queries.device)
+        if n_active is None:
+            n_active = torch.full((batch,), n_q, dtype=torch.int32, device=queries.device)
         n_tiles = triton.cdiv(self.n_db, self.block_n)
         chunk = max(self.block_q, _TILE_MAX_BYTES // (4 * batch * n_tiles) // self.block_q * self.block_q)
         if n_q > chunk:
-            return torch.cat([self.argmax(queries[:, start:start + chunk]) for start in range(0, n_q, chunk)], 1)
+            return torch.cat([self.argmax(queries[:, start:start + chunk], (n_active - start).clamp(min=0))
+                              for start in range(0, n_q, chunk)], 1)
         q32 = _pad(queries, self.dp, torch.float32)
         q16 = q32.to(torch.float16)
         grid_q = triton.cdiv(n_q, self.block_q)
@@ -136,13 +145,14 @@ class TritonNN:
         splits = triton.cdiv(n_tiles, tiles_per_split)
         grid = (grid_q, batch, splits)
         tile_max = torch.empty(batch, n_tiles, n_q, dtype=torch.float32, device=queries.device)
-        _tile_max_kernel[grid](q16, self.db16, tile_max, n_q, self.n_db, n_tiles, n_q * self.dp,
+        n_active = n_active.to(torch.int32).contiguous()
+        _tile_max_kernel[grid](q16, self.db16, tile_max, n_active, n_q, self.n_db, n_tiles, n_q * self.dp,
                                self.n_db * self.dp, tiles_per_split, DP=self.dp, BLOCK_Q=self.block_q,
                                BLOCK_N=self.block_n)
         threshold = tile_max.amax(dim=1) - self.margin(queries)
-        vals = torch.empty(splits, batch, n_q, dtype=torch.float32, device=queries.device)
-        idx = torch.empty(splits, batch, n_q, dtype=torch.int32, device=queries.device)
-        _exact_argmax_kernel[grid](q32, self.db32, tile_max, threshold, vals, idx, n_q, self.n_db, n_tiles,
+        vals = torch.zeros(splits, batch, n_q, dtype=torch.float32, device=queries.device)
+        idx = torch.zeros(splits, batch, n_q, dtype=torch.int32, device=queries.device)
+        _exact_argmax_kernel[grid](q32, self.db32, tile_max, threshold, n_active, vals, idx, n_q, self.n_db, n_tiles,
                                    n_q * self.dp, self.n_db * self.dp, tiles_per_split, batch, DIM=self.dim,
                                    DP=self.dp, BLOCK_Q=self.block_q, BLOCK_N=self.block_n)
         if splits == 1:

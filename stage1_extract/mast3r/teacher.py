@@ -5,9 +5,10 @@ points in B's own frame, which only the swapped pass gives; of that pass only th
 see `Mast3rNet.forward_teacher`), matches A's and B's descriptors with the exact reciprocal-NN matcher,
 and resamples the decoder cross-attention cost volume onto the dataset grid.
 
-Throughput: `prepare` resizes in the caller's loader threads; `predict` may run in two threads at once
-(the device work of one batch is serialised under a lock, so results are those of a serial run, while the
-other batch's device-to-host copy and host-side packing proceed).
+Throughput: `input_preparer` resizes in the caller's loader processes; `predict` may run in two threads at
+once: the networks run one at a time under a lock (in order, with the process-wide TF32 switches they
+set), while on CUDA the matching, cost resampling and copies run on a side stream beside the next batch's
+network. Results are those of a serial run.
 
 Prediction fields (working resolution = the network input of each view, see `preprocess`):
 - points_a / points_b: pts3d and pts3d_in_other_view of the (A, B) pass (both in A's frame);
@@ -131,7 +132,9 @@ class Mast3rTeacher(Teacher):
             if cfg.compile != "none":
                 compile_blocks(self.model, "default" if cfg.compile == "auto" else cfg.compile)
         self._sha256 = None
-        self._device_lock = threading.Lock()  # one batch's device work at a time (TF32 switches are global)
+        self._device_lock = threading.Lock()  # one batch's network at a time (TF32 switches are global)
+        self._stream_lock = threading.Lock()
+        self._post_stream = None  # created on first use (CUDA)
 
     def _build_model(self):
         import torch  # noqa: PLC0415
@@ -212,21 +215,25 @@ class Mast3rTeacher(Teacher):
         with self._device_lock, torch.inference_mode():
             img_a = normalise_batch(host_a, net.image_mean, net.image_std, self.device)
             img_b = normalise_batch(host_b, net.image_mean, net.image_std, self.device)
-            device_out, matches = self._device_work(img_a, img_b)
-            # copies into pinned host memory, queued behind the batch's kernels; the lock is released
-            # before waiting for them, so the next batch's kernels queue up meanwhile
-            if self._device_topk():  # the host needs only the top-k rows: 2 x 2.4 MB less per pair to copy
-                device_out = {name: t for name, t in device_out.items() if name not in ("cost_ab", "cost_ba")}
-            host_t = {name: (torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if cuda else None)
-                      for name, t in device_out.items()}
-            for name, t in device_out.items():
-                host_t[name] = host_t[name].copy_(t, non_blocking=True) if cuda else t
-            match_t = [(m.xy_a.to("cpu", non_blocking=cuda), m.xy_b.to("cpu", non_blocking=cuda))
-                       for m in matches]
-            done = torch.cuda.Event() if cuda else None
-            if cuda:
-                done.record()
+            network_out = self._network(img_a, img_b)
+            if not cuda:
+                host_t, match_t = self._to_host(*self._post_process(network_out, switch_guard=None), cuda=False)
+            else:
+                network_done = torch.cuda.Event()
+                network_done.record()
         if cuda:
+            # Matching, cost resampling and packing run on a side stream, after this batch's network but
+            # beside the next batch's (the lock is free again), so the device is never left waiting for
+            # this thread's host syncs. Values do not depend on the overlap.
+            stream = self._side_stream()
+            with torch.cuda.stream(stream), torch.inference_mode():
+                stream.wait_event(network_done)
+                for tensor in _tensors_of(network_out):
+                    tensor.record_stream(stream)  # their memory is not reused before this stream is done
+                host_t, match_t = self._to_host(*self._post_process(network_out, switch_guard=self._device_lock),
+                                                cuda=True)
+                done = torch.cuda.Event()
+                done.record()
             done.synchronize()
         host = {name: (t.numpy().astype(np.uint16) if name.endswith(("_index", "_prob")) else t.numpy())
                 for name, t in host_t.items()}
@@ -253,17 +260,45 @@ class Mast3rTeacher(Teacher):
         k = self.cfg.cost_topk
         return k is not None and k <= self.cfg.cost_grid[0] * self.cfg.cost_grid[1]
 
-    def _device_work(self, img_a, img_b):
-        """Network, matcher, cost resampling and the per-pixel packing, all on the device.
+    def _side_stream(self):
+        """The stream of the post-processing, shared by the predicting threads (their work interleaves on it;
+        values do not depend on that) and kept for the teacher's life, so that the memory cached for it
+        serves every batch and every run."""
+        import torch  # noqa: PLC0415
+
+        with self._stream_lock:
+            if self._post_stream is None:
+                self._post_stream = torch.cuda.Stream(self.device)
+            return self._post_stream
+
+    def _network(self, img_a, img_b) -> tuple:
+        """forward_teacher: ((A, B) output, B's points in B's frame, their confidence)."""
+        return self.model.forward_teacher(img_a, img_b, cost_temperature=self.cfg.cost_temperature,
+                                          amp_dtype=self.amp_dtype, head_precision=self.head_precision)
+
+    def _to_host(self, device_out: dict, matches: list, *, cuda: bool) -> tuple[dict, list]:
+        """Copies into pinned host memory, queued behind the batch's kernels (valid once they are done)."""
+        import torch  # noqa: PLC0415
+
+        if self._device_topk():  # the host needs only the top-k rows: 2 x 2.4 MB less per pair to copy
+            device_out = {name: t for name, t in device_out.items() if name not in ("cost_ab", "cost_ba")}
+        if not cuda:
+            return device_out, [(m.xy_a, m.xy_b) for m in matches]
+        host_t = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                  for name, t in device_out.items()}
+        match_t = [(m.xy_a.to("cpu", non_blocking=True), m.xy_b.to("cpu", non_blocking=True)) for m in matches]
+        return host_t, match_t
+
+    def _post_process(self, network_out: tuple, *, switch_guard):
+        """Matcher, cost resampling and the per-pixel packing, on the device.
         Returns ({name: float32 tensor [B, ...]}, matches)."""
         import torch  # noqa: PLC0415
 
         from geod.stage1_extract.mast3r.matching import reciprocal_matches  # noqa: PLC0415
 
-        ab, own_b, own_conf_b = self.model.forward_teacher(img_a, img_b, cost_temperature=self.cfg.cost_temperature,
-                                                           amp_dtype=self.amp_dtype,
-                                                           head_precision=self.head_precision)
-        matches = reciprocal_matches(ab.desc_a, ab.desc_b, ab.conf_a, ab.conf_b, cfg=self.match_cfg)
+        ab, own_b, own_conf_b = network_out
+        matches = reciprocal_matches(ab.desc_a, ab.desc_b, ab.conf_a, ab.conf_b, cfg=self.match_cfg,
+                                     switch_guard=switch_guard)
         cost_ab = resample_cost(ab.cost_ab, ab.grid_a, ab.grid_b, self.cfg.cost_grid)
         cost_ba = resample_cost(ab.cost_ba, ab.grid_b, ab.grid_a, self.cfg.cost_grid)
         depth_a, conf_a = _depth_and_conf(ab.pts3d_a, ab.conf_a)
@@ -283,6 +318,14 @@ class Mast3rTeacher(Teacher):
 
 
 _FINITE_CHECKED = ("pts_a", "pts_b", "cost_ab", "cost_ba")
+
+
+def _tensors_of(network_out: tuple) -> list:
+    """Every tensor of forward_teacher's output (the Mast3rOutput's fields and the two extra tensors)."""
+    import torch  # noqa: PLC0415
+
+    ab, *rest = network_out
+    return [t for t in (*vars(ab).values(), *rest) if isinstance(t, torch.Tensor)]
 
 
 @dataclass(frozen=True)
