@@ -154,6 +154,8 @@ def extract(
         f"{summary.out}: {summary.pairs} pairs ({summary.ok} ok, {summary.failed} failed) in {summary.shards} "
         f"shards; {summary.shards_written} written now, {summary.shards_skipped} already complete"
     )
+    if summary.shards_written:
+        typer.echo("waited on: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in summary.waits.items()))
     if summary.failed:
         typer.secho(f"{summary.failed} pair(s) failed: their reasons are in the 'reason' column of "
                     f"{summary.out / 'index.parquet'}", fg=typer.colors.YELLOW, err=True)

@@ -55,8 +55,9 @@ def test_pipeline_commands_chain_and_validate_catches_damage(tmp_path):
     assert made.returncode == 0, made.stderr
     extracted = _geod("extract", "--pairs", "pairs.parquet", "--out", "targets", "--grid", "6x8",
                       "--depth-map", "12x16", "--topk", "8", "--max-matches", "64", "--pairs-per-shard", "8",
-                      "--rows-per-chunk", "4", cwd=tmp_path)
+                      "--rows-per-chunk", "4", "--load-processes", "1", cwd=tmp_path)
     assert extracted.returncode == 0, extracted.stderr
+    assert "waited on: inputs" in extracted.stdout and "writes" in extracted.stdout
     assert _geod("validate", "targets", cwd=tmp_path).returncode == 0
     info = _geod("info", "targets", cwd=tmp_path)
     assert '"format": "geod-targets"' in info.stdout
