@@ -342,7 +342,8 @@ def demo(
 def export_targets(
     dataset: str = typer.Argument(..., help="Target dataset directory or URL."),
     to: str = typer.Option(..., "--to", help="Export format: webdataset or hdf5."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output: a directory of tars (webdataset) or one .h5 file (hdf5)."),
+    out: Path = typer.Option(..., "--out", "-o",
+                             help="Output: a directory of tars (webdataset) or one .h5 file (hdf5)."),
     split: Optional[str] = typer.Option(None, help="Export only this split (default: every split)."),
     include_failed: bool = typer.Option(False, help="Also export failed pairs (status 'failed', all-zero targets)."),
     samples_per_tar: Optional[int] = typer.Option(None, help="Pairs per tar (webdataset only; default 1000)."),

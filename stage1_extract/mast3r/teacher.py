@@ -5,7 +5,7 @@ points in B's own frame, which only the swapped pass gives; of that pass only th
 see `Mast3rNet.forward_teacher`), matches A's and B's descriptors with the exact reciprocal-NN matcher,
 and resamples the decoder cross-attention cost volume onto the dataset grid.
 
-Throughput: `input_preparer` resizes in the caller's loader processes; `predict` may run in two threads at
+Throughput: `input_preparer` resizes in the caller's loader processes; `predict` may run in several threads at
 once: the networks run one at a time under a lock (in order, with the process-wide TF32 switches they
 set), while on CUDA the matching, cost resampling and copies run on a side stream beside the next batch's
 network. Results are those of a serial run.
