@@ -1,5 +1,5 @@
-"""Throughput of a whole `geod extract --teacher mast3r` run against the network alone (random weights,
-synthetic images, no downloads).
+"""Throughput of a whole `geod extract --teacher mast3r` run against the network alone (random weights by
+default or `--weights`; synthetic images).
 
     python benchmarks/bench_extract_mast3r.py --json out.json                   # full size on CUDA
     python benchmarks/bench_extract_mast3r.py --device cpu --tiny --pairs 24 --batch 4 --long-side 64 \
@@ -108,6 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--weights", default="random",
+                        help="the teacher's weights: a checkpoint file, folder or hub id (default: seeded random)")
     parser.add_argument("--pairs", type=int, default=1536)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
@@ -147,13 +149,14 @@ def main() -> None:
     report["inputs_s"] = time.perf_counter() - start
 
     layout = DatasetLayout()
-    teacher = Mast3rTeacher(weights="random", size="tiny" if args.tiny else "full", device=args.device,
+    teacher = Mast3rTeacher(weights=args.weights, size="tiny" if args.tiny else "full", device=args.device,
                             batch_size=args.batch, long_side=args.long_side, head_precision=args.head_precision,
                             match_stride=args.match_stride, compile="none",  # compiled per variant below
                             **Mast3rTeacher.layout_options(layout))
-    with torch.no_grad():  # raw point norms ~1-2: points of a few metres, as the trained heads give
-        for head in (teacher.model.downstream_head1, teacher.model.downstream_head2):
-            head.dpt.head[-1].weight.mul_(0.2)
+    if args.weights == "random":
+        with torch.no_grad():  # raw point norms ~1-2: points of a few metres, as the trained heads give
+            for head in (teacher.model.downstream_head1, teacher.model.downstream_head2):
+                head.dpt.head[-1].weight.mul_(0.2)
     manifest = load_manifest(manifest_path)
     pairs = [teacher.prepare(load_pair(row, manifest.base_dir)) for row in manifest.rows[:args.batch]]
     start = time.perf_counter()
