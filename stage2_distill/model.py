@@ -95,6 +95,23 @@ def adapters_disabled(student: Student):
         student.block_adapters = adapters
 
 
+class LayerMean(torch.autograd.Function):
+    """torch.stack(grids).mean(0), with the backward autograd would compute for it (each grid's gradient is
+    grad / len(grids)) but without materialising it once per grid: every grid gets the same tensor, so a
+    step writes one gradient-sized tensor here instead of a stack of them (about 1 GB for SigLIP so400m)."""
+
+    @staticmethod
+    def forward(ctx, *grids: torch.Tensor) -> torch.Tensor:
+        ctx.count = len(grids)
+        return torch.stack(grids).mean(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # Contiguous: the norm's backward reads its output gradient contiguously and would copy it per grid.
+        share = grad.contiguous() / ctx.count
+        return (share,) * ctx.count
+
+
 class DistillModel(nn.Module):
     """Student + LoRA + bottleneck adapters + heads; `cfg` must be resolved (explicit layer lists)."""
 
@@ -120,22 +137,25 @@ class DistillModel(nn.Module):
         means: dict[tuple[int, ...], torch.Tensor] = {}
 
         # Each block is normalised once, and a layer mean shared by the depth and cost features (the default
-        # layer lists coincide) is computed once: fewer kernels per step, the same values.
+        # layer lists coincide) is computed once: fewer kernels per step, the same values. Normed blocks stay
+        # channels-last [B, h, w, D], the layout the norm writes: stacking them for the mean is then a plain
+        # copy, and their gradients reach the norm's backward without a transpose (stacking the [B, D, h, w]
+        # views forced a strided copy of every block forward, and another one backward).
         def norm(index: int) -> torch.Tensor:
             if index not in normed:
-                normed[index] = self.student.final_norm(grids[index])
+                normed[index] = self.student.final_norm_last(grids[index])
             return normed[index]
 
         def layer_mean(layers: tuple[int, ...]) -> torch.Tensor:
             if layers not in means:
-                means[layers] = torch.stack([norm(i) for i in layers]).mean(0)
+                means[layers] = LayerMean.apply(*(norm(i) for i in layers)).permute(0, 3, 1, 2)
             return means[layers]
 
         out = {}
         if preserve is not None:
             out["preserve"] = fed_view(self.student, grids[preserve], preserve)
         if match:
-            final = norm(self.cfg.match_layer)
+            final = norm(self.cfg.match_layer).permute(0, 3, 1, 2)
             out["match"] = final if self.refine is None else self.refine(final)
         if depth:
             out["depth"] = layer_mean(tuple(self.cfg.depth_layers))

@@ -194,14 +194,16 @@ class Student(nn.Module):
 
     def final_norm(self, grid: torch.Tensor) -> torch.Tensor:
         """Apply the tower's final norm over the channel axis of a [B, D, h, w] grid."""
+        return self.final_norm_last(grid).permute(0, 3, 1, 2)
+
+    def final_norm_last(self, grid: torch.Tensor) -> torch.Tensor:
+        """`final_norm` of a [B, D, h, w] grid, returned as [B, h, w, D]."""
         # Channels last as [B, h, w, D]: block grids are views of [B, h*w, D] tokens, so this is contiguous and
         # the norm reads it in place (a transpose of h and w would force a strided copy); the same values.
         channels_last = grid.permute(0, 2, 3, 1)
         if self.final_norm_path is None:
-            normed = nn.functional.layer_norm(channels_last, (grid.shape[1],))
-        else:
-            normed = self.base_model().get_submodule(self.final_norm_path)(channels_last)
-        return normed.permute(0, 3, 1, 2)
+            return nn.functional.layer_norm(channels_last, (grid.shape[1],))
+        return self.base_model().get_submodule(self.final_norm_path)(channels_last)
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from geod.stage2_distill import losses
 from geod.stage2_distill.config import LossConfig, StudentConfig
@@ -51,3 +52,60 @@ def test_matching_features_are_sampled_from_the_refined_grid_then_normalised():
         other = ap(unit[:2], unit[2:])
     assert torch.allclose(got, expected, atol=1e-7)
     assert not torch.allclose(got, other, atol=1e-5)
+
+
+def _previous_features(model: DistillModel, pixels: torch.Tensor) -> dict:
+    """The recipe as first written: each block normed as a [B, D, h, w] grid, the grids stacked, then averaged."""
+    student = model.student
+    grids = student(pixels)
+
+    def norm(index: int) -> torch.Tensor:
+        channels_last = grids[index].permute(0, 2, 3, 1)
+        module = student.base_model().get_submodule(student.final_norm_path)
+        return module(channels_last).permute(0, 3, 1, 2)
+
+    final = norm(model.cfg.match_layer)
+    return {"match": final + model.refine.conv(final),
+            "depth": torch.stack([norm(i) for i in model.cfg.depth_layers]).mean(0),
+            "cost": torch.stack([norm(i) for i in model.cfg.cost_layers]).mean(0)}
+
+
+@pytest.mark.parametrize("name, size", [("tiny-clip", (32, 48)), ("tiny-siglip", (32, 48)),
+                                        ("tiny-timm", (32, 48)), ("tiny-qwen2_5_vl", (32, 48))])
+def test_features_and_their_gradients_equal_the_first_recipe(name, size):
+    if name == "tiny-timm":
+        pytest.importorskip("timm")
+    # The layer means and norms are laid out for speed (channels-last, one shared gradient for the mean); the
+    # values and every trainable parameter's gradient must stay those of the straightforward computation.
+    torch.manual_seed(0)
+    student = create_student(StudentConfig(name_or_path=name, image_size=size))
+    layers = student.num_layers
+    cfg = StudentConfig(image_size=size, lora_layers=tuple(range(1, layers)), adapter_dim=8,
+                        depth_layers=(1, 2), cost_layers=(0, 2, layers - 1))
+    model = DistillModel(student, cfg.resolved(layers, student.image_size)).train()
+    with torch.no_grad():  # trained-looking adapters, LoRA and refine head: none of them the identity
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(std=0.05)
+    pixels = torch.randn(4, 3, *size, generator=torch.Generator().manual_seed(2))
+    weights = {}
+
+    def run(features) -> tuple[dict, dict]:
+        model.zero_grad(set_to_none=True)
+        feats = features()
+        for key, value in feats.items():  # a loss that weighs every value differently
+            weights.setdefault(key, torch.randn(value.shape, generator=torch.Generator().manual_seed(3)))
+        sum((value * weights[key]).sum() for key, value in feats.items()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in feats.items()}, grads
+
+    new_feats, new_grads = run(lambda: model.features(pixels))
+    old_feats, old_grads = run(lambda: _previous_features(model, pixels))
+    assert set(new_feats) == set(old_feats)
+    for key in old_feats:
+        assert torch.equal(new_feats[key], old_feats[key]), key
+    assert set(new_grads) == set(old_grads) and len(new_grads) > 4
+    for key in old_grads:
+        # Gradients sum the same terms, accumulated in another order: equal up to float rounding.
+        scale = old_grads[key].abs().max()
+        assert (new_grads[key] - old_grads[key]).abs().max() <= 1e-5 * scale, key
