@@ -11,10 +11,11 @@ Semantics (MASt3R's fast reciprocal NN, as the method uses it):
   EITHER image (the intersection of both tests: the reference code's union kept matches failing one).
   The quantile is the sorted map's element at index floor(q * n), as in the reference.
 
-Nearest neighbours are exact: full float32 products (TF32 is switched off around them). On CUDA a fused
-Triton kernel (`nn_triton`) screens with float16 tensor-core products and re-checks the few candidates
-that can win in float32, never storing a similarity row; elsewhere (and for float64) the products are
-formed in blocks whose size is bounded by `block_elems`, so memory stays flat whatever the image size.
+Nearest neighbours are exact: full float32 products. On CUDA a fused Triton kernel (`nn_triton`) screens
+with float16 tensor-core products and re-checks the few candidates that can win in float32, never storing a
+similarity row, and the rounds run without host syncs; elsewhere (and for float64) the products are formed
+in blocks whose size is bounded by `block_elems` (TF32 switched off around them), so memory stays flat
+whatever the image size.
 """
 
 from __future__ import annotations
