@@ -65,9 +65,13 @@ def write_pairs(root: Path, refs: list[str], n_pairs: int, name: str) -> Path:
     return write_manifest(rows, root / name)
 
 
-def steady_rate(out: Path, pairs_per_shard: int) -> float | None:
+def record_times(out: Path) -> list[float]:
+    """When each shard record was written, in order."""
+    return sorted(p.stat().st_mtime for p in (out / "shards").glob("shard-*.json"))
+
+
+def steady_rate(stamps: list[float], pairs_per_shard: int) -> float | None:
     """Pairs/s between the first and the last shard record written (start-up and the tail left out)."""
-    stamps = sorted(p.stat().st_mtime for p in (out / "shards").glob("shard-*.json"))
     if len(stamps) < 3 or stamps[-1] <= stamps[0]:
         return None
     return (len(stamps) - 1) * pairs_per_shard / (stamps[-1] - stamps[0])
@@ -190,8 +194,8 @@ def main() -> None:
         seconds, end_wall = time.perf_counter() - begin, time.time()
         if sampler is not None:
             last_gpu_utilisation[:] = [sampler.stop()]
-        stamps = sorted(p.stat().st_mtime for p in (out / "shards").glob("shard-*.json"))
-        last_waits[:] = [summary.waits, steady_rate(out, shard_layout.pairs_per_shard),
+        stamps = record_times(out)
+        last_waits[:] = [summary.waits, steady_rate(stamps, shard_layout.pairs_per_shard),
                          {"first_shard_s": stamps[0] - begin_wall, "after_last_shard_s": end_wall - stamps[-1]}
                          if stamps else None]
         del teacher.concurrent_predict
