@@ -17,18 +17,22 @@ geod's own tiny-student path with size overrides, so nothing is downloaded:
 
 Per student, with bf16 autocast on CUDA as geod trains, B pairs = 2B images per step:
 (a) plain: the student with geod's LoRA (same target modules and layers) but no bottleneck adapters or
-    heads, forward + backward of mean(square(fed-layer features)) on 2B images already on the GPU;
-(b) geod compute: `step.launch_step` (DistillModel forward with all four losses, heads, backward, grad clip,
-    AdamW step) on one real batch already on the GPU, repeated; set up as `geod distill` does on CUDA: fused
-    AdamW with the non-finite guard on the GPU, each step's outcome read once the next step is queued, the
-    loss section compiled (`--compile off`: eager) on batches padded to data.max_matches. Also timed with the
-    outcome read at once (one wait for the GPU per step);
+    heads, forward + backward of mean(square(fed-layer features)) on 2B images already on the GPU; with
+    `--graphs on` (the default) also the same pass captured as one CUDA graph and replayed ("plain graph");
+(b) geod compute: the step as `geod distill` runs it (DistillModel forward with all four losses, heads,
+    backward, grad clip, AdamW step) on one real batch already on the GPU, repeated; set up as `geod distill`
+    does on CUDA: fused AdamW with the non-finite guard on the GPU, each step's outcome read once the next step
+    is queued, the loss section compiled (`--compile off`: eager) on batches padded to data.max_matches, and
+    the whole step captured as a CUDA graph after two eager steps where the student allows it
+    (`graphed_step.GraphedStep`; `--graphs off`: eager `step.launch_step`). Also timed with the outcome read
+    at once (one wait for the GPU per step);
 (c) geod step: the same, fed by geod's PairStream / DataLoader (pinned memory, workers) from a synthetic
     target dataset on local disk (640x480 JPEGs; targets from bench_format.synthetic_pair through the
     shard writer), as `geod distill` feeds it (workers send uint8 pixels, normalised on the GPU, each batch
     packed in two buffers); `--fed` adds variants (separate tensors per array, outcome read every step);
 (d) data alone: the DataLoader's rate with nothing on the GPU (at --workers and at --workers-max).
-The overhead reported is (c) / (a) - 1 and (b) / (a) - 1 in time per step. A breakdown of (b) with CUDA
+The overhead reported is (c) / (a) - 1 and (b) / (a) - 1 in time per step, against the eager plain pass
+and, with graphs, against the graphed one. A breakdown of (b) with CUDA
 events (encoder forward, losses, backward, clip + optimizer) shows where the geod-only time goes.
 """
 
@@ -164,7 +168,14 @@ def _build(name: str, args, device, batch: int):
     """(DistillModel, resolved DistillConfig) for a benchmark student, built on `device`."""
     import torch
     from geod.stage2_distill import tiny_students
-    from geod.stage2_distill.config import DataConfig, DistillConfig, OptimConfig, RunConfig, StudentConfig
+    from geod.stage2_distill.config import (
+        DataConfig,
+        DistillConfig,
+        OptimConfig,
+        RunConfig,
+        StudentConfig,
+        apply_overrides,
+    )
     from geod.stage2_distill.model import DistillModel
     from geod.stage2_distill.students import create_student
 
@@ -180,9 +191,12 @@ def _build(name: str, args, device, batch: int):
     cfg = DistillConfig(
         data=DataConfig(shards=str(args.dataset), batch_size=batch, workers=args.workers,
                         shuffle_blocks=2),
-        run=RunConfig(out=Path(tempfile.gettempdir()) / "geod-bench-run", progress=False),
+        run=RunConfig(out=Path(tempfile.gettempdir()) / "geod-bench-run", progress=False,
+                      cuda_graphs=args.graphs == "on", tf32=args.tf32 == "on"),
         student=StudentConfig(name_or_path=registry, image_size=image_size, tiny_overrides=overrides),
         optim=OptimConfig(warmup_steps=10, max_steps=1000))
+    if args.set:  # e.g. student.adapter_dim=0 to time the step without a part
+        cfg = DistillConfig.from_dict(apply_overrides(cfg.to_dict(), args.set))
     # Size overrides cover width, depth and patch; settings they do not reach (Qwen's window and full-attention
     # blocks) are changed in a patched copy of the tiny registry, for this process only.
     specs = dict(tiny_students.TINY)
@@ -210,6 +224,39 @@ def _time_loop(fn, warmup: int, steps: int, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def _graphed_plain(student, pixels, params, use_bf16: bool, device):
+    """The plain forward + backward captured as a CUDA graph (after three eager passes on the capture stream);
+    returns a function that replays it."""
+    import torch
+    from torch import nn
+
+    adapters = student.block_adapters
+    side = torch.cuda.Stream(device)
+
+    def body() -> None:
+        student.block_adapters = nn.ModuleDict()
+        try:
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16, cache_enabled=False):
+                loss = student(pixels)[-1].float().square().mean()
+            loss.backward()
+        finally:
+            student.block_adapters = adapters
+
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for p in params:
+                p.grad = None
+            body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    for p in params:
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        body()
+    return graph.replay
+
+
 def _epochs(stream, device):
     """Batches across epochs, a new DataLoader per epoch, as `geod distill` reads them."""
     from geod.stage2_distill.data import make_loader
@@ -225,6 +272,7 @@ def bench_student(label: str, args, device) -> dict:
     import torch
     from geod.stage2_distill import step, train
     from geod.stage2_distill.data import PairStream, make_loader
+    from geod.stage2_distill.graphed_step import GraphedStep, graph_step_possible
     from torch import nn
 
     name, _, batch_text = label.partition("@")
@@ -270,15 +318,22 @@ def bench_student(label: str, args, device) -> dict:
     _peak_reset(device)
     result["plain_ms"] = 1e3 * _time_loop(plain, args.warmup, args.steps, device)
     result["plain_peak_gib"] = _peak_gib(device)
+    if device.type == "cuda" and args.graphs == "on" and student.kind.graph_safe:
+        # The same plain pass captured as one CUDA graph: the baseline without the host's launch cost.
+        result["plain_graph_ms"] = 1e3 * _time_loop(_graphed_plain(student, pixels, params, use_bf16, device),
+                                                    args.warmup, args.steps, device)
 
     # One real batch from geod's loader, kept on the GPU for (b).
-    stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=compiled, pack=raw)
+    stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=True, pack=raw)
     stream.set_position(0, 0)
     first = iter(make_loader(stream, pin_memory=device.type == "cuda"))
     batch = step.BatchMover(device, student.preprocessing)(next(first))
     del first  # shuts its workers down before anything is timed
     step_no = [0]
     pending: list = []  # the queued step whose outcome is read after the next one is queued
+    # As `geod distill` runs steps: captured as a CUDA graph where possible (after two eager steps), else eager.
+    graphs, result["step_mode"] = graph_step_possible(cfg, device, 1, model, optimizer)
+    runner = GraphedStep(model, optimizer, params, cfg, stream.cv_grid, device) if graphs else None
 
     def check(outcome) -> dict:
         values, _, applied = outcome.result()
@@ -292,7 +347,10 @@ def bench_student(label: str, args, device) -> dict:
         lr = train.learning_rate(step_no[0], cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        outcome = step.launch_step(model, b, optimizer, params, cfg, stream.cv_grid, device, 1)
+        if runner is not None:
+            outcome = runner(b)
+        else:
+            outcome = step.launch_step(model, b, optimizer, params, cfg, stream.cv_grid, device, 1)
         step_no[0] += 1
         while pending:
             check(pending.pop())
@@ -326,9 +384,10 @@ def bench_student(label: str, args, device) -> dict:
 
     # (c) the step as `geod distill` runs it: batches from the DataLoader (new loader, batch 0 of epoch 0);
     # FED variants: packed (two buffers per batch) or separate tensors, outcome deferred or read every step.
-    for variant in args.fed.split(","):
+    fed_variants = [] if args.fed == "none" else args.fed.split(",")
+    for variant in fed_variants:
         transport, _, readout = variant.partition("-")
-        fed_stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=compiled,
+        fed_stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=compiled or graphs,
                                 pack=raw and transport == "packed")
         mover = step.BatchMover(device, student.preprocessing)
         batches = _epochs(fed_stream, device)
@@ -344,11 +403,18 @@ def bench_student(label: str, args, device) -> dict:
         flush()
         result[f"data_wait_ms_{variant}"] = 1e3 * float(np.mean(waits[args.warmup:]))
         batches.close()  # shuts the DataLoader workers down
-    main_variant = args.fed.split(",")[0]
-    result["geod_step_ms"] = result[f"geod_step_ms_{main_variant}"]
-    result["data_wait_ms"] = result[f"data_wait_ms_{main_variant}"]
+    # Without a fed variant (--fed none) the step figures are the compute step's.
+    main_variant = fed_variants[0] if fed_variants else None
+    result["geod_step_ms"] = result.get(f"geod_step_ms_{main_variant}", result["geod_compute_ms"])
+    result["data_wait_ms"] = result.get(f"data_wait_ms_{main_variant}", 0.0)
     result["overhead_compute_pct"] = 100 * (result["geod_compute_ms"] / result["plain_ms"] - 1)
     result["overhead_step_pct"] = 100 * (result["geod_step_ms"] / result["plain_ms"] - 1)
+    if "plain_graph_ms" in result:
+        graphed_plain = result["plain_graph_ms"]
+        result["overhead_compute_vs_graphed_plain_pct"] = 100 * (result["geod_compute_ms"] / graphed_plain - 1)
+        result["overhead_step_vs_graphed_plain_pct"] = 100 * (result["geod_step_ms"] / graphed_plain - 1)
+    if runner is not None:
+        result["graph_replays"], result["graph_failure"] = runner.replays, runner.failure
     result["pairs_per_s_plain"] = 1e3 * pairs / result["plain_ms"]
     result["pairs_per_s_step"] = 1e3 * pairs / result["geod_step_ms"]
 
@@ -476,19 +542,26 @@ def _breakdown(model, batch, optimizer, params, cfg, cv_grid, device, use_bf16, 
 
 
 def _table(results: list[dict]) -> str:
-    lines = ["| student | pairs/step | plain ms | geod compute ms (+%) | geod step ms (+%) | pairs/s step "
-             "| data wait ms | data alone pairs/s (w) | ms/image decode, resize, norm | peak GiB plain / geod |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| student | pairs/step | steps | plain ms (graph) | geod compute ms (+% vs plain, vs graph) "
+             "| geod step ms (+%, vs graph) | pairs/s step | data wait ms | data alone pairs/s (w) "
+             "| ms/image decode, resize, norm | peak GiB plain / geod |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['student']} | error: {r['error']} |||||||| ")
+            lines.append(f"| {r['student']} | error: {r['error']} ||||||||| ")
             continue
         data = ", ".join(f"{v:.0f} (w{k.rsplit('w', 1)[1]})" for k, v in r.items() if k.startswith("data_pairs"))
         per_image = ", ".join(f"{v:.1f}" for v in r.get("data_ms_per_image", {}).values()) or "-"
-        lines.append(f"| {r['student']} {r['image_size'][0]}px | {r['pairs_per_step']} | {r['plain_ms']:.1f} | "
-                     f"{r['geod_compute_ms']:.1f} ({r['overhead_compute_pct']:+.1f}%) | {r['geod_step_ms']:.1f} "
-                     f"({r['overhead_step_pct']:+.1f}%) | {r['pairs_per_s_step']:.0f} | {r['data_wait_ms']:.1f} | "
-                     f"{data} | {per_image} | {r['plain_peak_gib']:.1f} / {r['geod_peak_gib']:.1f} |")
+        graph = "plain_graph_ms" in r
+        plain = f"{r['plain_ms']:.1f}" + (f" ({r['plain_graph_ms']:.1f})" if graph else "")
+        vs_graph = (lambda key: f", {r[key]:+.1f}%" if graph else "")
+        mode = "graph" if r.get("graph_replays") else "eager"
+        lines.append(f"| {r['student']} {r['image_size'][0]}px | {r['pairs_per_step']} | {mode} | {plain} | "
+                     f"{r['geod_compute_ms']:.1f} ({r['overhead_compute_pct']:+.1f}%"
+                     f"{vs_graph('overhead_compute_vs_graphed_plain_pct')}) | {r['geod_step_ms']:.1f} "
+                     f"({r['overhead_step_pct']:+.1f}%{vs_graph('overhead_step_vs_graphed_plain_pct')}) | "
+                     f"{r['pairs_per_s_step']:.0f} | {r['data_wait_ms']:.1f} | {data} | {per_image} | "
+                     f"{r['plain_peak_gib']:.1f} / {r['geod_peak_gib']:.1f} |")
     return "\n".join(lines)
 
 
@@ -510,12 +583,21 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", choices=("on", "off"), default="on",
                         help="torch.compile the loss section on CUDA (geod distill's run.compile)")
+    parser.add_argument("--graphs", choices=("on", "off"), default="on",
+                        help="capture the step as a CUDA graph where geod distill would (run.cuda_graphs); also times "
+                             "the plain pass captured the same way")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change the distillation config of every student (repeatable), e.g. "
+                             "student.adapter_dim=0 or loss.w_kl=0, to time the step without a part")
+    parser.add_argument("--tf32", choices=("on", "off"), default="on",
+                        help="float32 products in TF32 on CUDA (geod distill's run.tf32)")
     parser.add_argument("--skip-data", action="store_true", help="leave out (d), the loader timed alone")
     parser.add_argument("--fed", default="packed-deferred,separate-sync",
                         help="variants of (c), comma-separated TRANSPORT-READOUT, the first reported as the step: "
                              "TRANSPORT packed (two buffers per batch, as geod distill sends them on CUDA) or "
                              "separate (one tensor per array); READOUT deferred (the step's outcome is read after "
-                             "the next step is queued, as geod distill does) or sync (read at once)")
+                             "the next step is queued, as geod distill does) or sync (read at once); "
+                             "none: leave (c) out")
     args = parser.parse_args()
 
     import torch
@@ -528,15 +610,16 @@ def main() -> None:
     args.dataset = build_dataset(root, args.pairs, height, width)
     print(f"dataset {args.dataset} ready in {time.perf_counter() - start:.1f}s", flush=True)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
         print(f"device {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     import transformers
+    from geod.pipeline.precision import tf32
 
     print(f"transformers {transformers.__version__}", flush=True)
     results = []
     for name in args.students.split(","):
         try:
-            results.append(bench_student(name, args, device))
+            with tf32(device, args.tf32 == "on"):  # what geod distill sets for its loop (run.tf32)
+                results.append(bench_student(name, args, device))
         except Exception as exc:  # a missing optional package or an OOM must not lose the other students
             print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
             results.append({"student": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})

@@ -248,6 +248,7 @@ def distill(
     summary = run_distill(cfg)
     typer.echo(f"{summary.run_dir}: {summary.steps} steps ({summary.skipped_steps} skipped) in "
                f"{summary.seconds:.0f} s; last losses {summary.last_losses}")
+    typer.echo(f"steps: {summary.step_mode}")
 
 
 @app.command("eval")

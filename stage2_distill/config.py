@@ -207,6 +207,12 @@ class RunConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
     compile: bool = True  # on CUDA, torch.compile the heads + losses (static shapes); ignored on CPU
+    # On CUDA in one process, capture the whole step as a CUDA graph and replay it (graphed_step.py); ignored on
+    # CPU, with several ranks, and for towers whose forward reads values back to the host.
+    cuda_graphs: bool = True
+    # float32 matrix products on CUDA use TF32 tensor cores: the loss section's cosine similarities (the encoder
+    # runs in bf16 under autocast). Their error (about 1e-4 on a cosine) is far below the losses' temperatures.
+    tf32: bool = True
     resume: bool = False
     overwrite: bool = False
     stop_after_steps: int | None = None  # end this invocation early (with a checkpoint), e.g. for job limits

@@ -22,10 +22,12 @@ refuses such a run unless `drop_bottlenecks=True`; then the exported model has t
 differ from the distilled student's), the adapters are kept in geod_modules.safetensors, and
 geod_export.json says `"bottlenecks_in_model": false`. For an exact export, train with adapter_dim=0.
 
-Students that can be exported: bare CLIP / SigLIP towers and the VLM families of
-geod.stage2_distill.vlm_towers (the base VLM is loaded once, in its stored dtype, and its tower found with
-`vlm_towers.find_tower`). timm students are refused with a clear error (their run's adapter/ and
-geod_modules.safetensors still load with `checkpoint.load_distilled`).
+Students that can be exported: bare CLIP / SigLIP towers, the VLM families of geod.stage2_distill.vlm_towers
+(the base VLM is loaded once, in its stored dtype, and its tower found with `vlm_towers.find_tower`), and timm
+ViTs. For a timm student, adapter/ is the peft adapter on the timm model, and merged/ is a timm folder
+(config.json with architecture, model_args and a pretrained_cfg whose input size, mean, std, interpolation and
+"squash" crop mode reproduce the distillation preprocessing; model.safetensors):
+`timm.create_model("local-dir:OUT/merged", pretrained=True)`, or a geod student by its path.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,38 +142,67 @@ def _base_location(run_dir: Path, config, info: dict) -> str:
     return info.get("base_model") or config.student.name_or_path
 
 
-def _load_base(base: str, family: str | None, info: dict):
-    """(model with the tower inside, the tower's module path in it ("" = the model is the tower), a function
-    saving its processor or None for a bare tower, a note on the processor)."""
+@dataclass(kw_only=True)
+class _Base:
+    """The base model an export starts from."""
+
+    model: object  # the nn.Module the LoRA is installed on: the VLM, or the tower itself
+    tower_path: str  # the vision tower's module path inside `model` ("" = the model is the tower)
+    write_merged: Callable  # (merged model, directory) -> None: the model and its processor, loadable as is
+    processor_note: str
+
+
+def _load_base(base: str, family: str | None, info: dict) -> _Base:
     import transformers
 
     where = f"base model {base!r}"
+    if family == "timm":
+        return _load_timm_base(base, info, where)
     if family in _TOWER_CLASSES:
         model_class = getattr(transformers, _TOWER_CLASSES[family][0])
         try:
             model = model_class.from_pretrained(base)
         except (OSError, ValueError) as exc:
             raise ExportError(f"{where}: cannot load its {model_class.__name__}: {exc}") from None
-        return model, "", None, "image processor reproducing the distillation preprocessing"
+
+        def write_tower(merged, directory: Path) -> None:
+            merged.save_pretrained(directory)
+            _tower_processor(directory, family, info["preprocessing"])
+
+        return _Base(model=model, tower_path="", write_merged=write_tower,
+                     processor_note="image processor reproducing the distillation preprocessing")
     from geod.stage2_distill.vlm_towers import VLM_FAMILIES, find_tower, load_vlm
 
     if family not in VLM_FAMILIES:
         raise ExportError(f"{where}: exporting {family!r} students is not supported (supported: "
-                          f"{', '.join(sorted(_TOWER_CLASSES) + sorted(VLM_FAMILIES))}); the run's own adapter/ "
-                          f"and {MODULES_FILE} load with geod.stage2_distill.checkpoint.load_distilled")
+                          f"{', '.join(sorted(_TOWER_CLASSES) + sorted(VLM_FAMILIES) + ['timm'])}); the run's own "
+                          f"adapter/ and {MODULES_FILE} load with geod.stage2_distill.checkpoint.load_distilled")
     model = load_vlm(base, VLM_FAMILIES[family], where)  # in its stored dtype: untouched tensors stay exact
     _tower, prefix = find_tower(model, where)
     recorded = (info.get("vlm") or {}).get("tower_prefix")
     if recorded is not None and recorded != prefix:
         raise ExportError(f"{where}: its vision tower is at {prefix!r} but the run recorded {recorded!r}")
+    save_processor, note = _vlm_processor(base, where)
+
+    def write_vlm(merged, directory: Path) -> None:
+        merged.save_pretrained(directory)
+        save_processor(directory)
+
+    return _Base(model=model, tower_path=prefix, write_merged=write_vlm, processor_note=note)
+
+
+def _vlm_processor(base: str, where: str) -> tuple[Callable, str]:
+    """(a function saving the VLM's processor into a directory, a note on what it saves)."""
+    import transformers
+
     try:
         processor = transformers.AutoProcessor.from_pretrained(base)
     except (OSError, ValueError, TypeError, KeyError, ImportError) as exc:  # ImportError: optional backends
         processor = None
         first_line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
         reason = f"{type(exc).__name__}: {first_line}"
-    if processor is not None and hasattr(processor, "tokenizer"):
-        return model, prefix, processor.save_pretrained, "the VLM's processor"
+    if processor is not None and getattr(processor, "tokenizer", None) is not None:
+        return processor.save_pretrained, "the VLM's processor"
     # A base without a tokenizer (e.g. a tiny random VLM saved by geod) can only get its image processor.
     try:
         image_processor = transformers.AutoImageProcessor.from_pretrained(base)
@@ -179,7 +211,33 @@ def _load_base(base: str, family: str | None, info: dict):
     note = "image processor only: the base model has no loadable text processor"
     if processor is None:
         note += f" ({reason})"
-    return model, prefix, image_processor.save_pretrained, note
+    return image_processor.save_pretrained, note
+
+
+def _load_timm_base(base: str, info: dict, where: str) -> _Base:
+    """The timm ViT the run started from (a saved timm folder, or a timm name whose weights timm fetches)."""
+    from geod.pipeline.errors import StudentError
+    from geod.stage2_distill.timm_student import build_timm, is_timm_dir, save_timm, squash_pretrained_cfg
+
+    if Path(base).exists() and not is_timm_dir(base):
+        raise ExportError(f"{where}: not a timm model folder (its config.json has no timm 'architecture')")
+    try:
+        model, _processor, source = build_timm(base, seed=0, overrides={})
+    except StudentError as exc:
+        raise ExportError(f"{where}: {exc}") from None
+    spec = source["timm"]
+    recorded = (info.get("source") or {}).get("timm") or {}
+    if recorded and recorded.get("architecture") != spec["architecture"]:
+        raise ExportError(f"{where}: it is a {spec['architecture']}, but the run distilled a "
+                          f"{recorded.get('architecture')}")
+
+    def write_timm(merged, directory: Path) -> None:
+        # dynamic_img_size in model_args: timm alone then builds the ViT for any input size, as geod runs it.
+        save_timm(merged, {**spec, "model_args": {**spec["model_args"], "dynamic_img_size": True}}, directory,
+                  pretrained_cfg=squash_pretrained_cfg(getattr(merged, "pretrained_cfg", {}), info["preprocessing"]))
+
+    return _Base(model=model, tower_path="", write_merged=write_timm,
+                 processor_note="timm pretrained_cfg reproducing the distillation preprocessing")
 
 
 def _tower_processor(directory: Path, family: str, preprocessing: dict) -> None:
@@ -269,8 +327,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, merged: bool = True,
 
     base = _base_location(run_dir, config, info)
     family = info.get("family")
-    model, tower_path, save_processor, processor_note = _load_base(base, family, info)
-    peft_model = _install_lora(model, tower_path, trained, config.student, str(run_dir))
+    loaded = _load_base(base, family, info)
+    tower_path = loaded.tower_path
+    peft_model = _install_lora(loaded.model, tower_path, trained, config.student, str(run_dir))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
@@ -281,12 +340,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, merged: bool = True,
         peft_model.save_pretrained(tmp / ADAPTER_DIR)
         model_class = type(peft_model.get_base_model()).__name__
         if merged:
-            merged_model = peft_model.merge_and_unload()
-            merged_model.save_pretrained(tmp / MERGED_DIR)
-            if save_processor is None:
-                _tower_processor(tmp / MERGED_DIR, family, info["preprocessing"])
-            else:
-                save_processor(tmp / MERGED_DIR)
+            loaded.write_merged(peft_model.merge_and_unload(), tmp / MERGED_DIR)
         modules = {k: v.contiguous() for k, v in trained.modules.items()}
         save_file(modules, tmp / MODULES_FILE, metadata={"format": "geod-modules", "version": "1"})
         record = {
@@ -299,7 +353,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, merged: bool = True,
             "bottlenecks_in_model": None if not bottlenecks else False,
             "bottleneck_blocks": [int(b) for b in bottlenecks],
             "distilled_image_size": info.get("image_size"), "native_image_size": info.get("native_size"),
-            "preprocessing": info.get("preprocessing"), "processor": processor_note if merged else None,
+            "preprocessing": info.get("preprocessing"), "processor": loaded.processor_note if merged else None,
         }
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         _replace_dir(tmp, out_dir, overwrite)

@@ -89,7 +89,7 @@ class StepOutcome:
         return self._result
 
 
-def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer takes a device-side skip flag: fused AdamW reads `found_inf` (the protocol
     torch.amp.GradScaler uses) and then leaves parameters, moments and step count untouched."""
     return bool(optimizer.defaults.get("fused")) and getattr(optimizer, "_step_supports_amp_scaling", False)
@@ -99,34 +99,43 @@ def launch_step(model: DistillModel, batch: dict, optimizer: torch.optim.Optimiz
                 cfg: DistillConfig, cv_grid: tuple[int, int], device: torch.device, world: int) -> StepOutcome:
     """Queue one optimisation step. With a fused optimizer in a single process nothing waits for the device:
     the outcome is read later. Otherwise (CPU, several ranks) the step waits once, to decide on the update."""
-    use_bf16 = cfg.run.bf16 and device.type == "cuda"
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        parts = model(batch, cfg.loss, cv_grid)
-    total = parts["total"]
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    names = list(parts)
     if world > 1:
+        with _autocast(cfg, device):
+            parts = model(batch, cfg.loss, cv_grid)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         return StepOutcome.done(*_distributed_step(parts, optimizer, params, clip, device, world))
-    # Backward and clipping are queued without waiting for the loss; a non-finite loss makes the same decision
-    # as checking it first (no update), its gradients are discarded.
-    loss_finite = torch.isfinite(total.detach())
-    total.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    stats = torch.stack([loss_finite.float(), norm.detach().float(), *(parts[k].detach().float() for k in names)])
-    if not _skips_on_device(optimizer):
+    if not skips_on_device(optimizer):
+        names, stats = _forward_backward(model, batch, params, cfg, cv_grid, device)
         outcome = StepOutcome(names, stats)
         if outcome.result()[2]:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return outcome
+    names, stats = queue_update(model, batch, optimizer, params, cfg, cv_grid, device)
+    optimizer.zero_grad(set_to_none=True)
+    return read_later(names, stats, device)
+
+
+def queue_update(model: DistillModel, batch: dict, optimizer: torch.optim.Optimizer, params: list,
+                 cfg: DistillConfig, cv_grid: tuple[int, int], device: torch.device, *,
+                 autocast_cache: bool = True) -> tuple[list[str], torch.Tensor]:
+    """Forward, losses, backward, clipping and the update, all queued on the device with nothing read back:
+    a fused optimizer (`skips_on_device`) skips the update itself when the loss or the gradient norm is not
+    finite. Gradients are left in place. Returns the loss names and the step's stats tensor on the device
+    (see `StepOutcome`). `autocast_cache=False` recasts weights at each use (what CUDA graph capture needs)."""
+    names, stats = _forward_backward(model, batch, params, cfg, cv_grid, device, autocast_cache=autocast_cache)
     skip = torch.logical_or(stats[0] == 0, ~torch.isfinite(stats[1])).float()
     optimizer.found_inf = skip
     try:
         optimizer.step()
     finally:
         del optimizer.found_inf
-    optimizer.zero_grad(set_to_none=True)
+    return names, stats
+
+
+def read_later(names: list[str], stats: torch.Tensor, device: torch.device) -> StepOutcome:
+    """A deferred outcome: `stats` copied to pinned host memory behind the step's work, an event after it."""
     event = None
     if device.type == "cuda":
         host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
@@ -135,6 +144,29 @@ def launch_step(model: DistillModel, batch: dict, optimizer: torch.optim.Optimiz
         event = torch.cuda.Event()
         event.record()
     return StepOutcome(names, stats, event, deferred=True)
+
+
+def _autocast(cfg: DistillConfig, device: torch.device, cache: bool = True):
+    """bf16 autocast on CUDA when run.bf16 is set; `cache` False recasts weights at each use."""
+    enabled = cfg.run.bf16 and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache)
+
+
+def _forward_backward(model: DistillModel, batch: dict, params: list, cfg: DistillConfig, cv_grid: tuple[int, int],
+                      device: torch.device, *, autocast_cache: bool = True) -> tuple[list[str], torch.Tensor]:
+    """Losses, backward and clipping, queued; returns (loss names, stats [loss finite, gradient norm, *losses])."""
+    with _autocast(cfg, device, autocast_cache):
+        parts = model(batch, cfg.loss, cv_grid)
+    names = list(parts)
+    total = parts["total"]
+    # Backward and clipping are queued without waiting for the loss; a non-finite loss makes the same decision
+    # as checking it first (no update), its gradients are discarded.
+    loss_finite = torch.isfinite(total.detach())
+    total.backward()
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    stats = torch.stack([loss_finite.float(), norm.detach().float(), *(parts[k].detach().float() for k in names)])
+    return names, stats
 
 
 def train_step(model: DistillModel, batch: dict, optimizer: torch.optim.Optimizer, params: list, cfg: DistillConfig,

@@ -56,6 +56,10 @@ class TowerKind:
     prepare: Callable[[nn.Module, torch.Tensor, TowerGeometry], TowerCall]
     lora_aliases: dict[str, str] = field(default_factory=dict)
     dynamic_size: bool = False  # the processor sizes images dynamically (min/max pixels), not to one size
+    # The forward issues no read-back to the host, so a whole training step can be captured as a CUDA graph
+    # (geod.stage2_distill.graphed_step). Idefics3 counts each image's patches and Qwen2.5-VL builds its
+    # window indices on the host.
+    graph_safe: bool = True
 
     def block_path(self, tower: nn.Module) -> str:
         return _first_path(tower, self.block_paths, f"{self.name} tower blocks")
@@ -206,10 +210,10 @@ TOWER_KINDS: dict[str, TowerKind] = {kind.name: kind for kind in (
               "vision_model.encoder.layers"), norm_paths=("post_layernorm", "vision_model.post_layernorm"),
               geometry=_hf_geometry(0), prepare=_prepare_interpolating),
     TowerKind(name="idefics3", model_types=("idefics3_vision", "smolvlm_vision"), block_paths=("encoder.layers",),
-              norm_paths=("post_layernorm",), geometry=_hf_geometry(0), prepare=_prepare_navit),
+              norm_paths=("post_layernorm",), geometry=_hf_geometry(0), prepare=_prepare_navit, graph_safe=False),
     TowerKind(name="qwen2_5_vl", model_types=("qwen2_5_vl_vision",), block_paths=("blocks",),
               norm_paths=("merger.ln_q",), geometry=_qwen_geometry, prepare=_prepare_qwen,
-              lora_aliases=_FUSED_QKV, dynamic_size=True),
+              lora_aliases=_FUSED_QKV, dynamic_size=True, graph_safe=False),
     TowerKind(name="timm", model_types=(), block_paths=("blocks",), norm_paths=("norm",), geometry=_timm_geometry,
               prepare=_prepare_timm, lora_aliases=_FUSED_QKV),
 )}

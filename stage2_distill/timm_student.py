@@ -58,17 +58,24 @@ def import_timm():
 
 def _create(timm, arch: str, *, pretrained: bool, **kwargs) -> nn.Module:
     try:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **kwargs)
+        options = {"num_classes": 0, "dynamic_img_size": True, **kwargs}  # a saved folder may name either
+        return timm.create_model(arch, pretrained=pretrained, **options)
     except (RuntimeError, ValueError, OSError) as exc:
         raise StudentError(f"timm student {arch!r}: cannot create the model: {exc}") from None
 
 
 def processor_from_pretrained_cfg(model: nn.Module, cfg: dict | None = None) -> dict:
-    """A processor config (same keys as transformers') from timm's pretrained_cfg: mean, std, size, filter."""
-    cfg = dict(cfg if cfg is not None else getattr(model, "pretrained_cfg", {}) or {})
+    """A processor config (same keys as transformers') from timm's pretrained_cfg: mean, std, size, filter.
+
+    The size is the model's own input size, unless `cfg` (a saved folder's pretrained_cfg) gives an input_size.
+    """
+    saved = cfg is not None
+    cfg = dict(cfg if saved else getattr(model, "pretrained_cfg", {}) or {})
     if "mean" not in cfg or "std" not in cfg:
         raise StudentError(f"timm model {type(model).__name__}: its pretrained_cfg has no mean / std")
     height, width = (int(v) for v in model.patch_embed.img_size)
+    if saved and len(cfg.get("input_size") or ()) == 3:
+        height, width = (int(v) for v in cfg["input_size"][1:])
     return {"image_mean": [float(v) for v in cfg["mean"]], "image_std": [float(v) for v in cfg["std"]],
             "size": {"height": height, "width": width},
             "resample": _RESAMPLE.get(str(cfg.get("interpolation", "bicubic")), 3), "rescale_factor": 1.0 / 255.0,
@@ -115,14 +122,30 @@ def _load_dir(timm, path: Path) -> tuple[nn.Module, dict, dict]:
                               "timm": {"architecture": arch, "model_args": args}}
 
 
-def save_timm(model: nn.Module, spec: dict, directory: Path) -> None:
+def save_timm(model: nn.Module, spec: dict, directory: Path, *, pretrained_cfg: dict | None = None) -> None:
     """Write config.json (timm's hub layout: architecture, model_args, pretrained_cfg) and the weights;
-    `spec` is the student's source["timm"] ({"architecture", "model_args"})."""
+    `spec` is the student's source["timm"] ({"architecture", "model_args"}). `pretrained_cfg` replaces the
+    model's own. timm loads the folder with `timm.create_model("local-dir:<directory>", pretrained=True)`."""
     from safetensors.torch import save_file
-    cfg = {k: v for k, v in (getattr(model, "pretrained_cfg", {}) or {}).items()
-           if isinstance(v, (str, int, float, bool, list, tuple)) or v is None}
+    if pretrained_cfg is None:  # the model's own, with the input size the model was built for
+        pretrained_cfg = {**(getattr(model, "pretrained_cfg", {}) or {}),
+                          "input_size": [3, *(int(v) for v in model.patch_embed.img_size)]}
+    chosen = pretrained_cfg
+    cfg = {k: v for k, v in (chosen or {}).items() if isinstance(v, (str, int, float, bool, list, tuple)) or v is None}
     config = {"architecture": spec["architecture"], "num_classes": 0, "model_args": spec["model_args"],
               "pretrained_cfg": cfg}
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, directory / WEIGHTS_FILE)
+
+
+def squash_pretrained_cfg(pretrained_cfg: dict, preprocessing: dict) -> dict:
+    """`pretrained_cfg` changed so that timm's own data pipeline (`resolve_data_config` + `create_transform`)
+    prepares images as geod distilled them: the whole image resized to the distillation size ("squash" crop
+    mode at crop_pct 1), the same interpolation, mean and std."""
+    height, width = (int(v) for v in preprocessing["image_size"])
+    names = {code: name for name, code in _RESAMPLE.items()}
+    return {**dict(pretrained_cfg or {}), "input_size": [3, height, width], "crop_pct": 1.0, "crop_mode": "squash",
+            "interpolation": names.get(int(preprocessing["resample"]), "bicubic"),
+            "mean": [float(v) for v in preprocessing["mean"]], "std": [float(v) for v in preprocessing["std"]],
+            "fixed_input_size": False}

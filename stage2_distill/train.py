@@ -4,11 +4,13 @@ One step: learning rate from a pure schedule, forward under bf16 autocast on CUD
 backward, gradient all-reduce across ranks (torchrun), clipping, and a non-finite guard that skips the
 update (and aborts after `optim.max_nonfinite` skips in a row). Checkpoints every `run.checkpoint_every`
 steps restore exactly: weights, optimizer, RNG, step and data position. The step itself lives in
-geod.stage2_distill.step (`train_step` and `make_optimizer` are importable from here too).
+geod.stage2_distill.step (`train_step` and `make_optimizer` are importable from here too); on one GPU it is
+captured as a CUDA graph after the first steps and replayed (geod.stage2_distill.graphed_step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 from geod.pipeline.errors import ConfigError, GeodError
+from geod.pipeline.precision import tf32
 from geod.stage2_distill.checkpoint import (
     BASE_DIR,
     CHECKPOINTS,
@@ -31,6 +34,7 @@ from geod.stage2_distill.checkpoint import (
 )
 from geod.stage2_distill.config import DistillConfig, OptimConfig
 from geod.stage2_distill.data import PairStream, make_loader
+from geod.stage2_distill.graphed_step import GraphedStep, graph_step_possible
 from geod.stage2_distill.model import DistillModel
 from geod.stage2_distill.step import (  # noqa: F401
     BatchMover,
@@ -58,6 +62,7 @@ class RunSummary:
     last_losses: dict  # mean of each loss over the last logging window
     checkpoint: Path | None
     seconds: float
+    step_mode: str  # how steps ran: replayed CUDA graph or eager, and why
 
 
 def learning_rate(step: int, cfg: OptimConfig) -> float:
@@ -131,6 +136,8 @@ class _Session:
     device: torch.device
     rank: int
     world: int
+    graphed: bool  # steps are captured as a CUDA graph (graph_step_possible)
+    graph_note: str  # why or why not
 
 
 def _setup(cfg: DistillConfig) -> _Session:
@@ -164,13 +171,15 @@ def _setup(cfg: DistillConfig) -> _Session:
         model.compile_losses()
     # On CUDA the workers send resized uint8 pixels (a quarter of the bytes to make, pin and copy) and the
     # normalisation runs on the GPU, with the same float32 values; each batch travels packed in two buffers.
-    # A compiled loss section gets every batch padded to data.max_matches, so it is compiled once.
+    # A compiled loss section or a captured step gets every batch padded to data.max_matches, so it is compiled
+    # or captured once.
     cuda = device.type == "cuda"
+    graphed, graph_note = graph_step_possible(cfg, device, world, model, optimizer)
     stream = PairStream(cfg.data, student.preprocessing, rank=rank, world_size=world, raw_pixels=cuda,
-                        pad_matches=compiled, pack=cuda)
+                        pad_matches=compiled or graphed, pack=cuda)
     return _Session(cfg=cfg, config=resolved.to_dict(), model=model, params=params, optimizer=optimizer,
                     stream=stream, student_info=_student_info(resolved, student, base_in_run, run_dir),
-                    device=device, rank=rank, world=world)
+                    device=device, rank=rank, world=world, graphed=graphed, graph_note=graph_note)
 
 
 def _log(writer, losses: dict, lr: float, grad_norm: float, state: TrainState) -> None:
@@ -222,7 +231,10 @@ def run_distill(cfg: DistillConfig) -> RunSummary:
     last_losses: dict = {}
     last_checkpoint = checkpoints[-1] if checkpoints else None
     batches = _batches(run, state)
+    precision_scope = contextlib.ExitStack()  # TF32 as run.tf32 says, restored when the loop ends
     pending: tuple[int, StepOutcome] | None = None  # a queued step whose outcome is read after the next is queued
+    graphed = GraphedStep(run.model, run.optimizer, run.params, cfg, run.stream.cv_grid, run.device) \
+        if run.graphed else None
 
     def account(step: int, outcome: StepOutcome) -> float:
         """Fold a step's outcome into the state and the loss window; returns its gradient norm."""
@@ -239,13 +251,17 @@ def run_distill(cfg: DistillConfig) -> RunSummary:
         return grad_norm
 
     try:
+        precision_scope.enter_context(tf32(run.device, cfg.run.tf32))
         while state.step < stop_at:
             batch = next(batches)
             lr = learning_rate(state.step, cfg.optim)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            outcome = launch_step(run.model, batch, run.optimizer, run.params, cfg, run.stream.cv_grid, run.device,
-                                  run.world)
+            if graphed is not None:
+                outcome = graphed(batch)
+            else:
+                outcome = launch_step(run.model, batch, run.optimizer, run.params, cfg, run.stream.cv_grid,
+                                      run.device, run.world)
             state.step += 1
             state.batch += 1
             if pending is not None:
@@ -271,6 +287,7 @@ def run_distill(cfg: DistillConfig) -> RunSummary:
                 if run.world > 1:
                     torch.distributed.barrier()
     finally:
+        precision_scope.close()
         batches.close()  # shuts the DataLoader workers down
         bar.close()
         if writer is not None:
@@ -279,4 +296,15 @@ def run_distill(cfg: DistillConfig) -> RunSummary:
     if finished and run.rank == 0:
         save_outputs(run_dir, run.model, run.config, run.student_info)
     return RunSummary(run_dir=run_dir, steps=state.step, skipped_steps=state.skipped, finished=finished,
-                      last_losses=last_losses, checkpoint=last_checkpoint, seconds=time.monotonic() - started)
+                      last_losses=last_losses, checkpoint=last_checkpoint, seconds=time.monotonic() - started,
+                      step_mode=_step_mode(run, graphed))
+
+
+def _step_mode(run: _Session, graphed: GraphedStep | None) -> str:
+    """How this invocation's steps ran, for the summary line."""
+    if graphed is None:
+        return f"eager ({run.graph_note})"
+    if graphed.failure is not None:
+        return f"eager (CUDA graph capture failed: {graphed.failure})"
+    return f"CUDA graph, {graphed.replays} replayed and {graphed.eager_steps} eager"
+

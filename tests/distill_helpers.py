@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
 from geod.pipeline.card import DatasetLayout
 from geod.pipeline.format_spec import PROB_SCALE, STATUS_FAILED, STATUS_OK
 from geod.pipeline.hashing import sha256_bytes
@@ -120,3 +121,22 @@ def make_target_dataset(root: Path, *, pairs: int = 20, height: int = 32, width:
     write_dataset(out, arrays, rows, layout, teacher={"name": "toy-shift", "scene_units": "relative"},
                   source={"manifest": None, "manifest_sha256": None, "base_dir": str(root)})
     return out
+
+
+def random_batch(pairs: int, matches: int, cells: int, topk: int, device, *, seed: int = 0) -> dict:
+    """A batch as the loader collates it (float pixels at 32x48), random but valid, on `device`."""
+    generator = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=generator)
+    depth = 1 + rand(pairs, matches)
+    prob = torch.softmax(rand(pairs, cells, topk) * 4, -1).sort(-1, descending=True).values
+    batch = {"pixel_a": rand(pairs, 3, 32, 48) * 2 - 1, "pixel_b": rand(pairs, 3, 32, 48) * 2 - 1,
+             "xy_a": rand(pairs, matches, 2), "xy_b": rand(pairs, matches, 2),
+             "mask": torch.ones(pairs, matches, dtype=torch.bool), "depth_a": depth, "depth_b": depth + 0.1,
+             "points_a": rand(pairs, matches, 3) * 3, "points_b": rand(pairs, matches, 3) * 3,
+             "scene_scale": torch.ones(pairs)}
+    for side in ("ab", "ba"):
+        batch[f"cv_{side}_index"] = torch.stack([torch.stack([torch.randperm(cells, generator=generator)[:topk]
+                                                              for _ in range(cells)]) for _ in range(pairs)])
+        batch[f"cv_{side}_prob"] = prob
+        batch[f"cv_{side}_valid"] = torch.ones(pairs, cells, dtype=torch.bool)
+    return {k: v.to(device) for k, v in batch.items()}

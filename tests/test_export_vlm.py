@@ -24,7 +24,8 @@ def _run(dataset, out, *, adapter_dim: int, steps: int):
     # A high learning rate so that a few steps move the LoRA far from its zero start.
     run_distill(DistillConfig(
         data=DataConfig(shards=str(dataset), batch_size=2, workers=0, shuffle_blocks=1, max_matches=12),
-        run=RunConfig(out=out, checkpoint_every=100, log_every=1, progress=False),
+        # the CPU whatever the machine: the comparisons below are about export, at float32 tolerances
+        run=RunConfig(out=out, checkpoint_every=100, log_every=1, progress=False, device="cpu"),
         student=StudentConfig(image_size=SIZE, lora_layers=(2, 3), adapter_dim=adapter_dim),
         optim=OptimConfig(lr=2e-2, warmup_steps=0, max_steps=steps)))
     return out
@@ -91,7 +92,15 @@ def test_tower_export_round_trip(run, tmp_path):
     # The saved image processor reproduces the preprocessing the student was distilled with.
     processor = AutoImageProcessor.from_pretrained(out / "merged")
     processed = processor(images=_images(), return_tensors="pt")["pixel_values"]
-    assert processed.shape == pixels.shape and torch.allclose(processed, pixels, atol=1e-4)
+    assert processed.shape == pixels.shape
+    backends = {cls.__name__ for cls in type(processor).__mro__}
+    if backends & {"TorchvisionBackend", "BaseImageProcessorFast"}:
+        # Where torchvision is installed, transformers picks its torchvision-backed processor: the same resize,
+        # no crop and normalisation, but torchvision's bicubic kernel, not PIL's, so values differ slightly.
+        difference = (processed - pixels).abs()
+        assert difference.mean() < 0.02, (type(processor).__name__, float(difference.mean()), float(difference.max()))
+    else:
+        assert torch.allclose(processed, pixels, atol=1e-4)
 
     from safetensors.torch import load_file
 
@@ -139,8 +148,11 @@ def test_runs_without_lora_or_of_unsupported_families_are_refused(run, tmp_path)
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "tb"))
     info = json.loads((copy / "student.json").read_text())
-    (copy / "student.json").write_text(json.dumps({**info, "family": "timm"}))
-    with pytest.raises(ExportError, match="exporting 'timm' students is not supported"):
+    (copy / "student.json").write_text(json.dumps({**info, "family": "dinov2"}))
+    with pytest.raises(ExportError, match="exporting 'dinov2' students is not supported"):
+        export_run(copy, tmp_path / "dinov2")
+    (copy / "student.json").write_text(json.dumps({**info, "family": "timm"}))  # but the base is a CLIP tower
+    with pytest.raises(ExportError, match="not a timm model folder"):
         export_run(copy, tmp_path / "timm")
     shutil.rmtree(copy / "adapter")
     with pytest.raises(ExportError, match="no LoRA weights"):

@@ -171,7 +171,8 @@ def _train(dataset, out, w_preserve: float):
 def test_eval_reports_feature_drift_and_preservation_reduces_it(dataset, tmp_path):
     free = _train(dataset, tmp_path / "free", 0.0)
     kept = _train(dataset, tmp_path / "kept", 20.0)
-    metrics = evaluate(EvalConfig(shards=str(dataset), student=str(free), progress=False))
+    # On the CPU, like the independent computation below (CUDA convolutions differ in the last digits)
+    metrics = evaluate(EvalConfig(shards=str(dataset), student=str(free), progress=False, device="cpu"))
     assert metrics["feature_cosine_layer"] == 3
     assert 0.0 < metrics["feature_cosine_min"] <= metrics["feature_cosine_mean"] < 0.999
 

@@ -7,6 +7,7 @@ import json
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 from geod.pipeline.errors import StudentError
@@ -86,3 +87,50 @@ def test_tiny_timm_trains_and_loads_back(tmp_path):
     with torch.no_grad():
         x, y = final.features(pixels), from_checkpoint.features(pixels)
     assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+
+
+@pytest.mark.skipif(not HAVE_TIMM, reason="timm (with a matching torchvision) is not importable here")
+def test_tiny_timm_run_exports_a_timm_folder_and_a_peft_adapter(tmp_path):
+    # The merged folder loads with timm alone (local-dir:), its pretrained_cfg gives timm's own transform the
+    # distillation preprocessing, and the peft adapter on the base model computes the same features.
+    import timm
+    from distill_helpers import make_target_dataset
+    from geod.stage2_distill import train
+    from geod.stage2_distill.export_vlm import export_run
+    from peft import PeftModel
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    dataset = make_target_dataset(tmp_path / "data", pairs=8)
+    cfg = DistillConfig(
+        data=DataConfig(shards=str(dataset), batch_size=2, workers=0, shuffle_blocks=1, max_matches=12),
+        run=RunConfig(out=tmp_path / "run", checkpoint_every=100, log_every=1, progress=False, device="cpu"),
+        student=StudentConfig(name_or_path="tiny-timm", image_size=(32, 48), lora_layers=(2, 3), adapter_dim=0),
+        optim=OptimConfig(lr=1e-2, warmup_steps=0, max_steps=3))
+    assert train.run_distill(cfg).finished
+    summary = export_run(tmp_path / "run", tmp_path / "export")
+    assert summary.merged and summary.lora_modules == 2 and summary.tower_path == ""
+    merged_dir = tmp_path / "export" / "merged"
+
+    merged = timm.create_model(f"local-dir:{merged_dir}", pretrained=True).eval()
+    base = create_student(StudentConfig(name_or_path=str(tmp_path / "run" / "base"), image_size=(32, 48)))
+    before, after = base.base_model().state_dict(), load_file(merged_dir / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["blocks.2.attn.qkv.weight", "blocks.3.attn.qkv.weight"]
+
+    pixels = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        base_features = base.base_model().eval().forward_features(pixels)
+        # peft injects the LoRA into the module it is given: from here on it is the adapted model
+        adapted = PeftModel.from_pretrained(base.base_model(), tmp_path / "export" / "adapter").eval()
+        assert torch.allclose(merged.forward_features(pixels), adapted.forward_features(pixels), atol=1e-5)
+        assert not torch.allclose(merged.forward_features(pixels), base_features, atol=1e-5)
+
+    reloaded = create_student(StudentConfig(name_or_path=str(merged_dir)))
+    assert reloaded.image_size == (32, 48)
+    image = (np.random.default_rng(0).random((60, 70, 3)) * 255).astype(np.uint8)
+    data_cfg = timm.data.resolve_data_config({}, model=merged)
+    transform = timm.data.create_transform(**data_cfg)
+    expected = torch.from_numpy(reloaded.preprocessing(image))
+    assert torch.allclose(transform(Image.fromarray(image)), expected, atol=1e-5)

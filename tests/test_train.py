@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from distill_helpers import make_target_dataset
+from distill_helpers import make_target_dataset, random_batch
 from geod.pipeline.errors import ConfigError
 from geod.stage2_distill import train
 from geod.stage2_distill.checkpoint import list_checkpoints, load_distilled
@@ -121,24 +121,6 @@ def test_existing_run_needs_resume_or_overwrite_and_resume_checks_the_config(dat
     assert again.steps == 2 and len(list_checkpoints(tmp_path / "r")) == 1
 
 
-def _random_batch(pairs: int, matches: int, cells: int, topk: int, device) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    rand = lambda *shape: torch.rand(*shape, generator=generator)
-    depth = 1 + rand(pairs, matches)
-    prob = torch.softmax(rand(pairs, cells, topk) * 4, -1).sort(-1, descending=True).values
-    batch = {"pixel_a": rand(pairs, 3, 32, 48) * 2 - 1, "pixel_b": rand(pairs, 3, 32, 48) * 2 - 1,
-             "xy_a": rand(pairs, matches, 2), "xy_b": rand(pairs, matches, 2),
-             "mask": torch.ones(pairs, matches, dtype=torch.bool), "depth_a": depth, "depth_b": depth + 0.1,
-             "points_a": rand(pairs, matches, 3) * 3, "points_b": rand(pairs, matches, 3) * 3,
-             "scene_scale": torch.ones(pairs)}
-    for side in ("ab", "ba"):
-        batch[f"cv_{side}_index"] = torch.stack([torch.stack([torch.randperm(cells, generator=generator)[:topk]
-                                                              for _ in range(cells)]) for _ in range(pairs)])
-        batch[f"cv_{side}_prob"] = prob
-        batch[f"cv_{side}_valid"] = torch.ones(pairs, cells, dtype=torch.bool)
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_autocast_on_cuda_matches_fp32_and_trains(tmp_path):
@@ -149,7 +131,7 @@ def test_bf16_autocast_on_cuda_matches_fp32_and_trains(tmp_path):
                         student=StudentConfig(image_size=(32, 48)), optim=OptimConfig(lr=1e-3, warmup_steps=0))
     student = create_student(cfg.student)
     model = DistillModel(student, cfg.student.resolved(student.num_layers, student.image_size)).to(device)
-    batch = _random_batch(4, 32, 24, 4, device)
+    batch = random_batch(4, 32, 24, 4, device)
     with torch.no_grad():
         exact = model(batch, cfg.loss, (4, 6))
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -188,7 +170,7 @@ def test_compiled_losses_on_padded_matches_equal_the_eager_ones():
     with torch.no_grad():
         model.refine.conv.weight.normal_(std=0.1)
     loss_cfg = LossConfig(rank_points=4)
-    batch = _random_batch(2, 6, 24, 4, torch.device("cpu"))
+    batch = random_batch(2, 6, 24, 4, torch.device("cpu"))
     batch["mask"][1, 4:] = False
 
     def run(b: dict) -> tuple[dict, dict]:
@@ -245,7 +227,7 @@ def test_cuda_step_with_compiled_losses_fused_adamw_and_uint8_pixels(tmp_path):
     torch.manual_seed(0)
     student = create_student(cfg.student)
     model = DistillModel(student, cfg.student.resolved(student.num_layers, student.image_size)).to(device)
-    batch = _random_batch(4, 32, 24, 4, torch.device("cpu"))
+    batch = random_batch(4, 32, 24, 4, torch.device("cpu"))
     batch["mask"][1, 20:] = False
     raw = (torch.rand(2, 4, 3, 32, 48) * 256).to(torch.uint8)
     batch["pixel_a"], batch["pixel_b"] = raw[0], raw[1]
@@ -290,7 +272,7 @@ def test_a_step_skipped_on_the_device_leaves_the_optimizer_untouched_and_a_finit
     twin_params = [p for p in twin.parameters() if p.requires_grad]
     optimizer = _fused_cpu_optimizer(params, cfg.optim, None)
     twin_optimizer = _fused_cpu_optimizer(twin_params, cfg.optim, None)
-    batch = _random_batch(2, 6, 24, 4, torch.device("cpu"))
+    batch = random_batch(2, 6, 24, 4, torch.device("cpu"))
     cpu = torch.device("cpu")
 
     outcome = step.launch_step(model, batch, optimizer, params, cfg, (4, 6), cpu, 1)

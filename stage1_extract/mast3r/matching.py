@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from geod.pipeline.errors import ConfigError, TeacherError
-from geod.stage1_extract.mast3r.precision import tf32
+from geod.pipeline.precision import tf32
 
 
 @dataclass(kw_only=True)

@@ -29,7 +29,7 @@ from geod.pipeline.errors import TeacherError
 from geod.stage1_extract.mast3r.config import Mast3rConfig
 from geod.stage1_extract.mast3r.heads import Mast3rHead, postprocess, postprocess_points
 from geod.stage1_extract.mast3r.layers import ATTENTION_IMPLS, DecoderBlock, EncoderBlock, Rope
-from geod.stage1_extract.mast3r.precision import tf32
+from geod.pipeline.precision import tf32
 
 HEAD_PRECISIONS = ("fp32", "tf32", "mixed", "bf16")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")

@@ -1,7 +1,8 @@
 """Scoped control of TF32 for float32 matrix products and convolutions on CUDA.
 
 PyTorch only offers process-wide switches, so this sets them for the duration of a block and restores
-them after (not thread-safe: the extraction runner calls the network from one thread). Uses the
+them after (not thread-safe: the extraction runner calls the network from one thread, and `geod distill` runs
+its steps from one thread). Uses the
 `fp32_precision` settings where they exist (torch >= 2.9) and `allow_tf32` otherwise.
 """
 
