@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from geod.stage2_distill.config import DistillConfig
 from geod.stage2_distill.model import DistillModel
-from geod.stage2_distill.step import StepOutcome, queue_update, read_later, skips_on_device
+from geod.stage2_distill.step import StepOutcome, launch_step, queue_update, read_later, skips_on_device
 
 WARMUP_STEPS = 2
 
@@ -105,13 +105,11 @@ class GraphedStep:
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)  # the batch was copied and normalised on the current stream
         with torch.cuda.stream(self.stream):
-            self.optimizer.zero_grad(set_to_none=True)
-            names, stats = queue_update(self.model, batch, self.optimizer, self.params, self.cfg, self.cv_grid,
-                                        self.device, autocast_cache=False)
-            self.optimizer.zero_grad(set_to_none=True)
+            outcome = launch_step(self.model, batch, self.optimizer, self.params, self.cfg, self.cv_grid,
+                                  self.device, 1, autocast_cache=False)
         current.wait_stream(self.stream)
         self.eager_steps += 1
-        return read_later(names, stats, self.device)
+        return outcome
 
     # -- capture and replay ---------------------------------------------------------------------------------
     def _capture(self, batch: dict, signature: tuple) -> _Captured | None:

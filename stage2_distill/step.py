@@ -96,9 +96,11 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def launch_step(model: DistillModel, batch: dict, optimizer: torch.optim.Optimizer, params: list,
-                cfg: DistillConfig, cv_grid: tuple[int, int], device: torch.device, world: int) -> StepOutcome:
+                cfg: DistillConfig, cv_grid: tuple[int, int], device: torch.device, world: int, *,
+                autocast_cache: bool = True) -> StepOutcome:
     """Queue one optimisation step. With a fused optimizer in a single process nothing waits for the device:
-    the outcome is read later. Otherwise (CPU, several ranks) the step waits once, to decide on the update."""
+    the outcome is read later. Otherwise (CPU, several ranks) the step waits once, to decide on the update.
+    `autocast_cache`: see `queue_update` (the fused single-process path only)."""
     optimizer.zero_grad(set_to_none=True)
     if world > 1:
         with _autocast(cfg, device):
@@ -112,7 +114,7 @@ def launch_step(model: DistillModel, batch: dict, optimizer: torch.optim.Optimiz
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return outcome
-    names, stats = queue_update(model, batch, optimizer, params, cfg, cv_grid, device)
+    names, stats = queue_update(model, batch, optimizer, params, cfg, cv_grid, device, autocast_cache=autocast_cache)
     optimizer.zero_grad(set_to_none=True)
     return read_later(names, stats, device)
 
