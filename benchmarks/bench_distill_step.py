@@ -22,7 +22,8 @@ Per student, with bf16 autocast on CUDA as geod trains, B pairs = 2B images per 
 (b) geod compute: the step as `geod distill` runs it (DistillModel forward with all four losses, heads,
     backward, grad clip, AdamW step) on one real batch already on the GPU, repeated; set up as `geod distill`
     does on CUDA: fused AdamW with the non-finite guard on the GPU, each step's outcome read once the next step
-    is queued, the loss section compiled (`--compile off`: eager) on batches padded to data.max_matches, and
+    is queued, the sections after the encoder and the adapters compiled (`--compile off`: eager) on batches
+    padded to data.max_matches, and
     the whole step captured as a CUDA graph after two eager steps where the student allows it
     (`graphed_step.GraphedStep`; `--graphs off`: eager `step.launch_step`). Also timed with the outcome read
     at once (one wait for the GPU per step);
@@ -33,7 +34,8 @@ Per student, with bf16 autocast on CUDA as geod trains, B pairs = 2B images per 
 (d) data alone: the DataLoader's rate with nothing on the GPU (at --workers and at --workers-max).
 The overhead reported is (c) / (a) - 1 and (b) / (a) - 1 in time per step, against the eager plain pass
 and, with graphs, against the graphed one. A breakdown of (b) with CUDA
-events (encoder forward, losses, backward, clip + optimizer) shows where the geod-only time goes.
+events (encoder blocks with adapters; norms, layer means, heads and losses; backward; clip + optimizer)
+shows where the geod-only time goes.
 """
 
 from __future__ import annotations
@@ -224,9 +226,9 @@ def _time_loop(fn, warmup: int, steps: int, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _graphed_plain(student, pixels, params, use_bf16: bool, device):
+def _graphed_plain(student, pixels, params, use_bf16: bool, device, *, adapters_on: bool = False):
     """The plain forward + backward captured as a CUDA graph (after three eager passes on the capture stream);
-    returns a function that replays it."""
+    returns a function that replays it. `adapters_on`: with the bottleneck adapters (else LoRA only)."""
     import torch
     from torch import nn
 
@@ -234,7 +236,7 @@ def _graphed_plain(student, pixels, params, use_bf16: bool, device):
     side = torch.cuda.Stream(device)
 
     def body() -> None:
-        student.block_adapters = nn.ModuleDict()
+        student.block_adapters = adapters if adapters_on else nn.ModuleDict()
         try:
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16, cache_enabled=False):
                 loss = student(pixels)[-1].float().square().mean()
@@ -283,12 +285,12 @@ def bench_student(label: str, args, device) -> dict:
     params = [p for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)]
     optimizer = step.make_optimizer(params, cfg.optim, device)
     use_bf16 = device.type == "cuda"
-    # As `geod distill` sets it up on CUDA: a compiled loss section fed batches padded to data.max_matches, and
+    # As `geod distill` sets it up on CUDA: compiled sections fed batches padded to data.max_matches, and
     # uint8 pixels from the workers normalised on the GPU.
     compiled = device.type == "cuda" and args.compile == "on"
     raw = device.type == "cuda"
     if compiled:
-        model.compile_losses()
+        model.compile_sections()
     height, width = student.image_size
     result = {"student": label, "pairs_per_step": pairs, "images_per_step": 2 * pairs, "image_size": [height, width],
               "encoder_blocks_run": student.num_layers, "tower_blocks": student.tower_layers,
@@ -299,12 +301,15 @@ def bench_student(label: str, args, device) -> dict:
               "uint8_pixels": raw}
     print(f"[{label}] built in {time.perf_counter() - started:.1f}s: {result}", flush=True)
 
-    # (a) plain: LoRA only (the bottleneck adapters are bypassed), trivial loss on the fed layer.
+    # (a) plain: LoRA only (the bottleneck adapters are bypassed), trivial loss on the fed layer; also with the
+    # adapters, the student architecture the step trains, to separate their cost from that of the losses,
+    # heads and data.
     pixels = torch.randn(2 * pairs, 3, height, width, device=device)
     adapters = student.block_adapters
+    plain_adapters = [False]
 
     def plain() -> None:
-        student.block_adapters = nn.ModuleDict()
+        student.block_adapters = adapters if plain_adapters[0] else nn.ModuleDict()
         try:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 grids = student(pixels)
@@ -318,10 +323,17 @@ def bench_student(label: str, args, device) -> dict:
     _peak_reset(device)
     result["plain_ms"] = 1e3 * _time_loop(plain, args.warmup, args.steps, device)
     result["plain_peak_gib"] = _peak_gib(device)
+    if adapters:
+        plain_adapters[0] = True
+        result["plain_adapters_ms"] = 1e3 * _time_loop(plain, args.warmup, args.steps, device)
+        plain_adapters[0] = False
     if device.type == "cuda" and args.graphs == "on" and student.kind.graph_safe:
         # The same plain pass captured as one CUDA graph: the baseline without the host's launch cost.
         result["plain_graph_ms"] = 1e3 * _time_loop(_graphed_plain(student, pixels, params, use_bf16, device),
                                                     args.warmup, args.steps, device)
+        if adapters:
+            replay = _graphed_plain(student, pixels, params, use_bf16, device, adapters_on=True)
+            result["plain_adapters_graph_ms"] = 1e3 * _time_loop(replay, args.warmup, args.steps, device)
 
     # One real batch from geod's loader, kept on the GPU for (b).
     stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=True, pack=raw)
@@ -367,7 +379,7 @@ def bench_student(label: str, args, device) -> dict:
 
     _peak_reset(device)
     t0 = time.perf_counter()
-    geod_step(batch)  # a compiled loss section is compiled here
+    geod_step(batch)  # the compiled sections are compiled here
     flush()
     _sync(device)
     result["first_step_s"] = time.perf_counter() - t0
@@ -413,6 +425,10 @@ def bench_student(label: str, args, device) -> dict:
         graphed_plain = result["plain_graph_ms"]
         result["overhead_compute_vs_graphed_plain_pct"] = 100 * (result["geod_compute_ms"] / graphed_plain - 1)
         result["overhead_step_vs_graphed_plain_pct"] = 100 * (result["geod_step_ms"] / graphed_plain - 1)
+    with_adapters = result.get("plain_adapters_graph_ms", result.get("plain_adapters_ms"))
+    if with_adapters:
+        result["overhead_compute_vs_plain_adapters_pct"] = 100 * (result["geod_compute_ms"] / with_adapters - 1)
+        result["overhead_step_vs_plain_adapters_pct"] = 100 * (result["geod_step_ms"] / with_adapters - 1)
     if runner is not None:
         result["graph_replays"], result["graph_failure"] = runner.replays, runner.failure
     result["pairs_per_s_plain"] = 1e3 * pairs / result["plain_ms"]
@@ -516,11 +532,9 @@ def _breakdown(model, batch, optimizer, params, cfg, cv_grid, device, use_bf16, 
         mark()
         loss_cfg = cfg.loss
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            pixels = torch.cat([batch["pixel_a"], batch["pixel_b"]])
-            feats = model.features(pixels, match=loss_cfg.w_ap > 0, depth=loss_cfg.w_depth + loss_cfg.w_rank > 0,
-                                   cost=loss_cfg.w_kl > 0)
+            grids = model.student(torch.cat([batch["pixel_a"], batch["pixel_b"]]))
             mark()
-            parts = model.losses_of(feats, batch, loss_cfg, cv_grid)
+            parts = model.losses_of(grids, None, batch, loss_cfg, cv_grid)
         mark()
         parts["total"].backward()
         mark()
@@ -554,6 +568,10 @@ def _table(results: list[dict]) -> str:
         per_image = ", ".join(f"{v:.1f}" for v in r.get("data_ms_per_image", {}).values()) or "-"
         graph = "plain_graph_ms" in r
         plain = f"{r['plain_ms']:.1f}" + (f" ({r['plain_graph_ms']:.1f})" if graph else "")
+        if "overhead_compute_vs_plain_adapters_pct" in r:
+            plain += (f"; with adapters {r.get('plain_adapters_graph_ms', r['plain_adapters_ms']):.1f}: geod "
+                      f"{r['overhead_compute_vs_plain_adapters_pct']:+.1f}% compute, "
+                      f"{r['overhead_step_vs_plain_adapters_pct']:+.1f}% step")
         vs_graph = (lambda key: f", {r[key]:+.1f}%" if graph else "")
         mode = "graph" if r.get("graph_replays") else "eager"
         lines.append(f"| {r['student']} {r['image_size'][0]}px | {r['pairs_per_step']} | {mode} | {plain} | "
@@ -582,7 +600,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny widths and sizes, to check the script")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", choices=("on", "off"), default="on",
-                        help="torch.compile the loss section on CUDA (geod distill's run.compile)")
+                        help="torch.compile the sections after the encoder and the adapters on CUDA "
+                             "(geod distill's run.compile)")
     parser.add_argument("--graphs", choices=("on", "off"), default="on",
                         help="capture the step as a CUDA graph where geod distill would (run.cuda_graphs); also times "
                              "the plain pass captured the same way")

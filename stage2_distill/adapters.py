@@ -19,8 +19,21 @@ from torch import nn
 LORA_ADAPTER_NAME = "default"
 
 
+def bottleneck_residual(tokens: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor,
+                        up_weight: torch.Tensor, up_bias: torch.Tensor) -> torch.Tensor:
+    """tokens + up(gelu(down(tokens))), as a function of the weights so that one compiled version serves
+    every adapter of a model."""
+    hidden = nn.functional.gelu(nn.functional.linear(tokens, down_weight, down_bias))
+    return tokens + nn.functional.linear(hidden, up_weight, up_bias)
+
+
 class Bottleneck(nn.Module):
-    """Residual bottleneck on token features: h + up(gelu(down(h))), `up` zero-initialised."""
+    """Residual bottleneck on token features: h + up(gelu(down(h))), `up` zero-initialised.
+
+    `residual` computes it; DistillModel.compile_sections swaps in a compiled version, which fuses the
+    casts, the GELU and the residual add around the two products (the residual stream is float32, so each
+    unfused elementwise pass over it costs as much as a small matrix product).
+    """
 
     def __init__(self, dim: int, width: int) -> None:
         super().__init__()
@@ -28,9 +41,10 @@ class Bottleneck(nn.Module):
         self.up = nn.Linear(width, dim)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.residual = bottleneck_residual
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens + self.up(nn.functional.gelu(self.down(tokens)))
+        return self.residual(tokens, self.down.weight, self.down.bias, self.up.weight, self.up.bias)
 
 
 class RefineHead(nn.Module):

@@ -206,7 +206,7 @@ class RunConfig:
     log_every: int = 10
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
-    compile: bool = True  # on CUDA, torch.compile the heads + losses (static shapes); ignored on CPU
+    compile: bool = True  # on CUDA, torch.compile norms + heads + losses and the adapters (static shapes); CPU: off
     # On CUDA in one process, capture the whole step as a CUDA graph and replay it (graphed_step.py); ignored on
     # CPU, with several ranks, and for towers whose forward reads values back to the host.
     cuda_graphs: bool = True

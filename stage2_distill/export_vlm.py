@@ -194,6 +194,9 @@ def _load_base(base: str, family: str | None, info: dict) -> _Base:
 def _vlm_processor(base: str, where: str) -> tuple[Callable, str]:
     """(a function saving the VLM's processor into a directory, a note on what it saves)."""
     import transformers
+    # Not transformers.AutoImageProcessor: without torchvision, transformers 5.17 makes that top-level name a
+    # dummy raising ImportError (its lazy import table puts all of image_processing_auto under torchvision).
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     try:
         processor = transformers.AutoProcessor.from_pretrained(base)
@@ -205,7 +208,7 @@ def _vlm_processor(base: str, where: str) -> tuple[Callable, str]:
         return processor.save_pretrained, "the VLM's processor"
     # A base without a tokenizer (e.g. a tiny random VLM saved by geod) can only get its image processor.
     try:
-        image_processor = transformers.AutoImageProcessor.from_pretrained(base)
+        image_processor = AutoImageProcessor.from_pretrained(base)
     except (OSError, ValueError, TypeError, KeyError, ImportError) as exc:
         raise ExportError(f"{where}: neither a processor nor an image processor loads from it: {exc}") from None
     note = "image processor only: the base model has no loadable text processor"

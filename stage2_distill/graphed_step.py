@@ -7,7 +7,8 @@ the driver, not by the GPU. A CUDA graph records the whole step's kernels once; 
 
 How a run uses it (`GraphedStep.__call__`):
 - The first `warmup` steps of a batch shape run eagerly, as real training steps, on the side stream the
-  capture will use (they compile the loss section, create the optimizer's state, initialise cuBLAS there).
+  capture will use (they compile the sections after the encoder, create the optimizer's state, initialise
+  cuBLAS there).
 - The next step of that shape is captured: the batch is copied into static input tensors, and forward,
   losses, backward, clipping and the update are recorded with `step.queue_update`. Nothing runs during
   capture; the graph is then replayed for that batch.

@@ -113,6 +113,35 @@ def cost_volume_kl(cells_a: torch.Tensor, cells_b: torch.Tensor, index: torch.Te
     return _masked_pair_mean(kl, rows.to(kl.dtype))
 
 
+def two_way_cost_volume_kl(cells_a: torch.Tensor, cells_b: torch.Tensor, ab: tuple, ba: tuple, *,
+                           temperature: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cost_volume_kl` in both directions, (A->B, B->A), from one logits matrix.
+
+    ab and ba are (index, prob, valid) as in `cost_volume_kl`. The B->A student rows are the columns of the
+    A->B cosine matrix, so one product serves both directions (three matrix products with the backward
+    instead of six), and each row's log-softmax is its logits minus the row's logsumexp: only the K picked
+    logits and one logsumexp per row and per column are kept, never a [B, P, P] log-softmax per direction.
+    """
+    logits = (_wide(cells_a) @ _wide(cells_b).transpose(1, 2)) / temperature  # [B, P_a, P_b]
+    kl_ab = _sparse_teacher_kl(logits, torch.logsumexp(logits, dim=-1), *ab)
+    kl_ba = _sparse_teacher_kl(logits.transpose(1, 2), torch.logsumexp(logits, dim=-2), *ba)
+    return kl_ab, kl_ba
+
+
+def _sparse_teacher_kl(logits: torch.Tensor, logsumexp: torch.Tensor, index: torch.Tensor, prob: torch.Tensor,
+                       valid: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || softmax(logits)) per valid row, averaged as in `cost_volume_kl`; logsumexp [B, P] of the
+    rows of logits [B, P, Q]."""
+    prob = _wide(prob)
+    mass = prob.sum(-1, keepdim=True)
+    teacher = prob / mass.clamp(min=1e-12)
+    rows = valid & (mass.squeeze(-1) > 0)
+    picked = logits.gather(-1, index.long())  # [B, P, K]
+    # sum_k t_k log(t_k / softmax_k) = sum_k t_k log t_k - sum_k t_k picked_k + logsumexp * sum_k t_k
+    kl = (torch.xlogy(teacher, teacher) - teacher * picked).sum(-1) + logsumexp * teacher.sum(-1)
+    return _masked_pair_mean(kl, rows.to(kl.dtype))
+
+
 def feature_preservation_loss(student: torch.Tensor, base: torch.Tensor, *,
                               distance: str = "cosine") -> torch.Tensor:
     """How far the student's patch features moved from the frozen base model's, averaged over patches.

@@ -18,13 +18,14 @@ import contextlib
 import torch
 from geod.pipeline.errors import ConfigError
 from geod.stage2_distill import losses
-from geod.stage2_distill.adapters import apply_lora, attach_bottlenecks, build_heads, mark_trainable
+from geod.stage2_distill.adapters import (apply_lora, attach_bottlenecks, bottleneck_residual, build_heads,
+                                          mark_trainable)
 from geod.stage2_distill.config import LossConfig, StudentConfig
 from geod.stage2_distill.students import Student
 from torch import nn
 
 
-# What the losses read from a batch (pixels and pair ids stay outside the compiled loss section).
+# What the losses read from a batch (pixels and pair ids stay outside the compiled section).
 LOSS_INPUTS = ("mask", "xy_a", "xy_b", "depth_a", "depth_b", "points_a", "points_b", "scene_scale",
                "cv_ab_index", "cv_ab_prob", "cv_ab_valid", "cv_ba_index", "cv_ba_prob", "cv_ba_valid")
 
@@ -32,19 +33,27 @@ LOSS_INPUTS = ("mask", "xy_a", "xy_b", "depth_a", "depth_b", "points_a", "points
 def sample_grid(grid: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """Bilinear samples of a [B, D, h, w] grid at normalised (u, v) points [B, N, 2] -> [B, N, D].
 
-    u = x / W with pixel centres at i + 0.5 matches align_corners=False: cell j's centre is (j + 0.5) / w.
+    u = x / W with pixel centres at i + 0.5 matches align_corners=False: cell j's centre is (j + 0.5) / w;
+    points beyond the outer centres take the edge values (grid_sample's "border" padding), and the values
+    are grid_sample's. Each point reads its four neighbours as whole D-vectors of the grid laid out channels
+    last (the layout the norms and the refine conv leave), a weighted sum of four rows; grid_sample instead
+    runs a thread per point looping over channels, and its backward was several times slower than this
+    gather's.
     """
     batch, dim, height, width = grid.shape
-    points = xy.shape[1]
-    coords = xy.to(grid.dtype) * 2 - 1
-    # Every channel sampled as its own single-channel image: grid_sample's kernels run one thread per output
-    # point and loop over channels, so [B, D] -> [B*D, 1] gives them D times the parallelism (its backward,
-    # with atomic adds per point, was a large share of a step); each output value is computed the same way.
-    flat = grid.reshape(batch * dim, 1, height, width)
-    flat_coords = coords[:, None, :, None, :].expand(batch, dim, points, 1, 2).reshape(batch * dim, points, 1, 2)
-    sampled = nn.functional.grid_sample(flat, flat_coords, mode="bilinear", padding_mode="border",
-                                        align_corners=False)
-    return sampled.reshape(batch, dim, points).transpose(1, 2)
+    rows = grid.permute(0, 2, 3, 1).reshape(batch * height * width, dim)
+    xy = xy.to(grid.dtype)
+    x = (xy[..., 0] * width - 0.5).clamp(0, width - 1)  # in cells, clamped to the outer centres
+    y = (xy[..., 1] * height - 0.5).clamp(0, height - 1)
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=width - 1), (y0 + 1).clamp(max=height - 1)
+    first = (torch.arange(batch, device=grid.device) * (height * width))[:, None, None]
+    index = torch.stack([y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1], dim=-1) + first
+    weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], dim=-1)
+    corners = rows[index.reshape(-1)].view(batch, xy.shape[1], 4, dim)
+    return (corners * weight[..., None]).sum(2)
 
 
 def cell_centres(grid_h: int, grid_w: int, device: torch.device | None = None) -> torch.Tensor:
@@ -126,13 +135,17 @@ class DistillModel(nn.Module):
         self.cfg = cfg
         self.refine, self.depth_head = build_heads(student, cfg)
         mark_trainable(self)
-        self._compiled_losses = None
+        self._compiled_section = None
 
     def features(self, pixel_values: torch.Tensor, *, match: bool = True, depth: bool = True,
                  cost: bool = True, preserve: int | None = None) -> dict[str, torch.Tensor]:
         """Dense feature grids [B, D, h, w] of the requested kinds; `preserve`: also that block's grid as the
         VLM sees it (key "preserve", see `fed_view`)."""
-        grids = self.student(pixel_values)
+        return self.features_of(self.student(pixel_values), match=match, depth=depth, cost=cost, preserve=preserve)
+
+    def features_of(self, grids: list[torch.Tensor], *, match: bool = True, depth: bool = True, cost: bool = True,
+                    preserve: int | None = None) -> dict[str, torch.Tensor]:
+        """`features` from the student's block grids (`Student.forward` output)."""
         normed: dict[int, torch.Tensor] = {}
         means: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -171,27 +184,40 @@ class DistillModel(nn.Module):
     def forward(self, batch: dict, loss_cfg: LossConfig, cv_grid: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Losses of one batch: {"total", "ap", "depth", "rank", "kl", "preserve"} (unweighted parts, weighted
         total)."""
-        need_depth = loss_cfg.w_depth > 0 or loss_cfg.w_rank > 0
         pixels = torch.cat([batch["pixel_a"], batch["pixel_b"]])
-        layer = preserve_layer_index(self.student, loss_cfg.preserve_layer) if loss_cfg.w_preserve > 0 else None
-        feats = self.features(pixels, match=loss_cfg.w_ap > 0, depth=need_depth, cost=loss_cfg.w_kl > 0,
-                              preserve=layer)
-        if layer is not None:
-            feats["preserve_base"] = self.base_grid(pixels, layer)
-        return self.losses_of(feats, batch, loss_cfg, cv_grid)
+        grids = self.student(pixels)
+        base = None
+        if loss_cfg.w_preserve > 0:
+            base = self.base_grid(pixels, preserve_layer_index(self.student, loss_cfg.preserve_layer))
+        return self.losses_of(grids, base, batch, loss_cfg, cv_grid)
 
-    def losses_of(self, feats: dict, batch: dict, loss_cfg: LossConfig, cv_grid: tuple[int, int]) -> dict:
-        """The loss parts of `features` output (compiled after `compile_losses`)."""
+    def losses_of(self, grids: list[torch.Tensor], base: torch.Tensor | None, batch: dict, loss_cfg: LossConfig,
+                  cv_grid: tuple[int, int]) -> dict:
+        """The loss parts from the student's block grids: norms, layer means, heads and losses (compiled after
+        `compile_sections`). `base`: the base encoder's grid for the preservation loss, or None."""
         targets = {k: v for k, v in batch.items() if k in LOSS_INPUTS}
-        if self._compiled_losses is not None:
-            return self._compiled_losses(feats, targets, loss_cfg, cv_grid)
-        return self._float_losses(feats, targets, loss_cfg, cv_grid)
+        section = self._compiled_section or self._heads_and_losses
+        return section(grids, base, targets, loss_cfg, cv_grid)
 
-    def compile_losses(self, **options) -> None:
-        """Run the heads and losses through torch.compile (static shapes: feed batches padded to one match
-        count, see PairStream's pad_matches). Eager, they launch a few hundred small kernels per step, which
-        bounds small students by the host rather than the GPU."""
-        self._compiled_losses = torch.compile(self._float_losses, dynamic=False, **options)
+    def compile_sections(self, **options) -> None:
+        """Run the section after the encoder (norms, layer means, heads, losses) and the bottleneck adapters
+        through torch.compile (static shapes: feed batches padded to one match count, see PairStream's
+        pad_matches). Eager, they launch a few hundred small kernels per step and make several float32 passes
+        over each feature grid, which bounds small students by the host or by memory traffic."""
+        self._compiled_section = torch.compile(self._heads_and_losses, dynamic=False, **options)
+        if self.student.block_adapters:
+            residual = torch.compile(bottleneck_residual, dynamic=False, **options)
+            for adapter in self.student.block_adapters.values():
+                adapter.residual = residual
+
+    def _heads_and_losses(self, grids: list[torch.Tensor], base: torch.Tensor | None, batch: dict,
+                          loss_cfg: LossConfig, cv_grid: tuple[int, int]) -> dict:
+        layer = preserve_layer_index(self.student, loss_cfg.preserve_layer) if base is not None else None
+        feats = self.features_of(grids, match=loss_cfg.w_ap > 0, depth=loss_cfg.w_depth > 0 or loss_cfg.w_rank > 0,
+                                 cost=loss_cfg.w_kl > 0, preserve=layer)
+        if base is not None:
+            feats["preserve_base"] = base
+        return self._float_losses(feats, batch, loss_cfg, cv_grid)
 
     def _float_losses(self, feats: dict, batch: dict, loss_cfg: LossConfig, cv_grid: tuple[int, int]) -> dict:
         # The encoder may run under bf16 autocast; the losses (sharp temperatures, 0.01 on cosines) may not.
@@ -234,11 +260,9 @@ class DistillModel(nn.Module):
         if "cost" in feats:
             centres = cell_centres(*cv_grid, device=mask.device).expand(pairs, -1, -1)
             cells = nn.functional.normalize(sample_grid(feats["cost"], torch.cat([centres, centres])), dim=-1)
-            ca, cb = cells[:pairs], cells[pairs:]
-            kl_ab = losses.cost_volume_kl(ca, cb, batch["cv_ab_index"], batch["cv_ab_prob"], batch["cv_ab_valid"],
-                                          temperature=loss_cfg.cv_temperature)
-            kl_ba = losses.cost_volume_kl(cb, ca, batch["cv_ba_index"], batch["cv_ba_prob"], batch["cv_ba_valid"],
-                                          temperature=loss_cfg.cv_temperature)
+            kl_ab, kl_ba = losses.two_way_cost_volume_kl(
+                cells[:pairs], cells[pairs:], (batch["cv_ab_index"], batch["cv_ab_prob"], batch["cv_ab_valid"]),
+                (batch["cv_ba_index"], batch["cv_ba_prob"], batch["cv_ba_valid"]), temperature=loss_cfg.cv_temperature)
             parts["kl"] = (kl_ab + kl_ba) / 2
         if "preserve" in feats:
             parts["preserve"] = losses.feature_preservation_loss(feats["preserve"], feats["preserve_base"],

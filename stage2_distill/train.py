@@ -168,10 +168,10 @@ def _setup(cfg: DistillConfig) -> _Session:
     optimizer = make_optimizer(params, cfg.optim, device)
     compiled = device.type == "cuda" and cfg.run.compile
     if compiled:
-        model.compile_losses()
+        model.compile_sections()
     # On CUDA the workers send resized uint8 pixels (a quarter of the bytes to make, pin and copy) and the
     # normalisation runs on the GPU, with the same float32 values; each batch travels packed in two buffers.
-    # A compiled loss section or a captured step gets every batch padded to data.max_matches, so it is compiled
+    # A compiled section or a captured step gets every batch padded to data.max_matches, so it is compiled
     # or captured once.
     cuda = device.type == "cuda"
     graphed, graph_note = graph_step_possible(cfg, device, world, model, optimizer)

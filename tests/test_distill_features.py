@@ -109,3 +109,31 @@ def test_features_and_their_gradients_equal_the_first_recipe(name, size):
         # Gradients sum the same terms, accumulated in another order: equal up to float rounding.
         scale = old_grads[key].abs().max()
         assert (new_grads[key] - old_grads[key]).abs().max() <= 1e-5 * scale, key
+
+
+@pytest.mark.parametrize("grid_hw", [(3, 5), (6, 9), (1, 4), (2, 1)])
+def test_point_samples_equal_grid_sample_in_value_and_gradient(grid_hw):
+    # sample_grid gathers four channels-last rows per point; its values and gradients must be those of
+    # grid_sample (bilinear, align_corners=False, border padding) on the [B, D, h, w] grid, for points inside,
+    # on the edges and outside, on grids of one row or column, given channels-last (the layers' layout).
+    torch.manual_seed(4)
+    values = torch.randn(2, *grid_hw, 5, dtype=torch.float64)
+    xy = torch.rand(2, 40, 2, dtype=torch.float64) * 1.4 - 0.2
+    xy[:, :4] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5 / grid_hw[1], 0.5], [0.5, 1 - 0.5 / grid_hw[0]]])
+    weights = torch.randn(2, 40, 5, dtype=torch.float64)
+
+    def reference(grid: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.grid_sample(grid, (xy * 2 - 1)[:, :, None], mode="bilinear",
+                                              padding_mode="border", align_corners=False)
+        return out[..., 0].transpose(1, 2)
+
+    results = []
+    for sample in (lambda g: sample_grid(g, xy), reference):
+        grid = values.clone().requires_grad_()
+        out = sample(grid.permute(0, 3, 1, 2))
+        (out * weights).sum().backward()
+        results.append((out.detach(), grid.grad))
+    (got, got_grad), (want, want_grad) = results
+    assert got.shape == (2, 40, 5)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(got_grad, want_grad, rtol=1e-12, atol=1e-12)

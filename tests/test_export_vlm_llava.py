@@ -174,8 +174,12 @@ def test_every_tiny_vlm_family_exports_a_loadable_vlm(name, llava_run, tmp_path)
     summary = export_run(run, tmp_path / "export")
     record = json.loads((tmp_path / "export" / "geod_export.json").read_text())
     assert summary.tower_path == json.loads((run / "student.json").read_text())["vlm"]["tower_prefix"]
-    # geod's tiny VLMs are saved without a tokenizer: only their image processor can travel.
-    assert record["processor"].startswith("image processor only")
+    # geod's tiny VLMs are saved without a tokenizer: only their image processor can travel, unless the
+    # installed transformers builds the family's whole processor anyway. The note must say which happened.
+    merged_files = {p.name for p in (tmp_path / "export" / "merged").iterdir()}
+    has_tokenizer = bool(merged_files & {"tokenizer.json", "tokenizer_config.json", "vocab.json"})
+    assert record["processor"].startswith("the VLM's processor" if has_tokenizer else "image processor only")
+    assert "preprocessor_config.json" in merged_files or "processor_config.json" in merged_files
     base = AutoModelForImageTextToText.from_pretrained(run / "base").state_dict()
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "export" / "merged").state_dict()
     assert base.keys() == merged.keys()

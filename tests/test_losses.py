@@ -165,6 +165,29 @@ def test_cost_volume_kl_matches_hand_computation():
     assert value2.item() == pytest.approx(expected, rel=1e-9)
 
 
+def test_two_way_kl_equals_two_one_way_calls_in_value_and_gradient():
+    # Different numbers of cells per view (P_a != P_b), zero-mass and invalid rows, repeated indices.
+    torch.manual_seed(5)
+    cells_a = torch.nn.functional.normalize(torch.randn(3, 6, 5, dtype=torch.float64), dim=-1).requires_grad_()
+    cells_b = torch.nn.functional.normalize(torch.randn(3, 4, 5, dtype=torch.float64), dim=-1).requires_grad_()
+    ab = (torch.randint(0, 4, (3, 6, 3)), torch.rand(3, 6, 3, dtype=torch.float64), torch.rand(3, 6) > 0.3)
+    ba = (torch.randint(0, 6, (3, 4, 3)), torch.rand(3, 4, 3, dtype=torch.float64), torch.rand(3, 4) > 0.3)
+    ab[1][0, 2] = 0.0
+    ba[2][1] = False  # pair 1 has no valid B->A row
+    weights = torch.tensor([0.7, 1.3], dtype=torch.float64)
+
+    reference = torch.stack([losses.cost_volume_kl(cells_a, cells_b, *ab, temperature=0.1),
+                             losses.cost_volume_kl(cells_b, cells_a, *ba, temperature=0.1)])
+    grads_ref = torch.autograd.grad((reference * weights).sum(), (cells_a, cells_b))
+    fused = torch.stack(losses.two_way_cost_volume_kl(cells_a, cells_b, ab, ba, temperature=0.1))
+    grads = torch.autograd.grad((fused * weights).sum(), (cells_a, cells_b))
+
+    assert torch.allclose(fused, reference, rtol=1e-12, atol=1e-12)
+    assert reference.min() > 0
+    for got, want in zip(grads, grads_ref):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_kl_is_zero_when_student_equals_teacher():
     # Student with temperature t over cosines, teacher set to exactly that distribution (K = P).
     torch.manual_seed(2)

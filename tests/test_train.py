@@ -13,6 +13,7 @@ from geod.pipeline.errors import ConfigError
 from geod.stage2_distill import train
 from geod.stage2_distill.checkpoint import list_checkpoints, load_distilled
 from geod.stage2_distill.config import DataConfig, DistillConfig, OptimConfig, RunConfig, StudentConfig
+from geod.stage2_distill.adapters import bottleneck_residual
 from geod.stage2_distill.model import DistillModel
 from safetensors.torch import load_file
 
@@ -157,19 +158,24 @@ def _padded(batch: dict, width: int) -> dict:
     return out
 
 
-def test_compiled_losses_on_padded_matches_equal_the_eager_ones():
-    # run.compile on CUDA: the loss section goes through torch.compile and every batch is padded to
-    # data.max_matches. Checked on CPU with the aot_eager backend (the same captured graph, in one piece).
+@pytest.mark.parametrize("name", ["tiny-clip", "tiny-qwen2_5_vl"])
+def test_compiled_sections_on_padded_matches_equal_the_eager_ones(name):
+    # run.compile on CUDA: the section after the encoder (norms, layer means, heads, losses) and the adapters
+    # go through torch.compile and every batch is padded to data.max_matches. Checked on CPU with the
+    # aot_eager backend (the same captured graphs, each in one piece), for a tower with a class token and one
+    # with flat tokens in window order.
     from geod.stage2_distill.config import LossConfig
     from geod.stage2_distill.students import create_student
 
     torch.manual_seed(0)
-    student = create_student(StudentConfig(image_size=(32, 48)))
-    cfg = StudentConfig(image_size=(32, 48), lora_layers=(2, 3), adapter_dim=8)
+    student = create_student(StudentConfig(name_or_path=name, image_size=(32, 48)))
+    cfg = StudentConfig(name_or_path=name, image_size=(32, 48), lora_layers=(1, 2), adapter_dim=8)
     model = DistillModel(student, cfg.resolved(student.num_layers, student.image_size)).train()
     with torch.no_grad():
         model.refine.conv.weight.normal_(std=0.1)
-    loss_cfg = LossConfig(rank_points=4)
+        for adapter in model.student.block_adapters.values():
+            adapter.up.weight.normal_(std=0.1)
+    loss_cfg = LossConfig(rank_points=4, w_preserve=0.5)
     batch = random_batch(2, 6, 24, 4, torch.device("cpu"))
     batch["mask"][1, 4:] = False
 
@@ -182,8 +188,10 @@ def test_compiled_losses_on_padded_matches_equal_the_eager_ones():
 
     eager, eager_grads = run(batch)
     padded, padded_grads = run(_padded(batch, 10))
-    model.compile_losses(backend="aot_eager", fullgraph=True)
+    model.compile_sections(backend="aot_eager", fullgraph=True)
+    assert all(a.residual is not bottleneck_residual for a in model.student.block_adapters.values())
     compiled, compiled_grads = run(_padded(batch, 10))
+    assert all(compiled[k] > 0 for k in ("ap", "depth", "rank", "kl", "preserve"))
     for got, got_grads in ((padded, padded_grads), (compiled, compiled_grads)):
         for name in eager:
             assert torch.allclose(got[name], eager[name], rtol=1e-5, atol=1e-7), name
@@ -197,9 +205,9 @@ def test_cpu_runs_neither_compile_nor_fuse_and_uint8_pixels_are_normalised_on_ar
     from geod.stage2_distill.students import Preprocessing
 
     def refuse(self, **options):
-        raise AssertionError("the loss section must not be compiled on CPU")
+        raise AssertionError("nothing may be compiled on CPU")
 
-    monkeypatch.setattr(DistillModel, "compile_losses", refuse)
+    monkeypatch.setattr(DistillModel, "compile_sections", refuse)
     summary = train.run_distill(_config(dataset, tmp_path / "run", steps=2))  # run.compile defaults to True
     assert summary.finished
     params = [torch.nn.Parameter(torch.ones(3))]
@@ -235,7 +243,7 @@ def test_cuda_step_with_compiled_losses_fused_adamw_and_uint8_pixels(tmp_path):
     assert eager_batch["pixel_a"].dtype == torch.float32
     with torch.no_grad():
         eager = model(eager_batch, cfg.loss, (4, 6))
-        model.compile_losses()
+        model.compile_sections()
         compiled = model(train._to_device(_padded(batch, 40), device, student.preprocessing), cfg.loss, (4, 6))
     for name in ("ap", "depth", "rank", "kl"):
         assert compiled[name].item() == pytest.approx(eager[name].item(), rel=1e-4, abs=1e-6), name
