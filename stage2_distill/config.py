@@ -49,6 +49,9 @@ class StudentConfig:
     # Bottleneck width of the adapters after each LoRA block; 0 = none. None = 64 for a bare tower (the
     # method's default) and 0 for a VLM student, whose merged export must keep the VLM's architecture.
     adapter_dim: int | None = None
+    # transformers students: the attention kernels, e.g. "sdpa", "eager" or "flash_attention_2" (with the
+    # flash-attn package: one varlen call per layer for Qwen2.5-VL's windows); None = transformers' default.
+    attn_implementation: str | None = None
     refine_head: bool = True
     depth_head_dim: int = 128
     match_layer: int = -1
@@ -67,6 +70,8 @@ class StudentConfig:
         _require(self.adapter_dim is None or self.adapter_dim >= 0,
                  f"student.adapter_dim must be >= 0, got {self.adapter_dim}")
         _require(self.depth_head_dim > 0, "student.depth_head_dim must be > 0")
+        _require(self.attn_implementation is None or bool(self.attn_implementation),
+                 "student.attn_implementation must be a name or null")
         for name in ("lora_layers", "depth_layers", "cost_layers"):
             value = getattr(self, name)
             if value is not None:

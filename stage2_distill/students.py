@@ -342,6 +342,9 @@ def create_student(cfg: StudentConfig) -> Student:
     name = cfg.name_or_path
     where = f"student {name!r}"
     if is_timm_name(name) or is_timm_dir(name):
+        if cfg.attn_implementation is not None:
+            raise StudentError(f"{where}: student.attn_implementation applies to transformers students; a timm "
+                               f"ViT picks its own fused attention")
         model, processor, source = build_timm(name, seed=cfg.seed, overrides=cfg.tiny_overrides)
         family = "timm"
     elif name in TINY:
@@ -353,6 +356,8 @@ def create_student(cfg: StudentConfig) -> Student:
     else:
         model, family, processor, source = _load_pretrained(cfg, where)
 
+    if cfg.attn_implementation is not None:
+        use_attention(model, cfg.attn_implementation, where)
     handle = None
     if family in VLM_FAMILIES:
         tower, handle = vlm_handle(model, VLM_FAMILIES[family], where)
@@ -361,6 +366,8 @@ def create_student(cfg: StudentConfig) -> Student:
     else:
         tower = model.float()
     kind = TOWER_KINDS["timm"] if family == "timm" else tower_kind_for(tower, where)
+    if kind.speed_up is not None:
+        kind.speed_up(tower)
     geometry = kind.geometry(tower)
     multiple = geometry.size_multiple
     image_size = cfg.image_size
@@ -379,6 +386,22 @@ def create_student(cfg: StudentConfig) -> Student:
     num_layers = geometry.num_blocks if handle is None else handle.fed_layer + 1
     return Student(name=name, family=family, tower=tower, kind=kind, geometry=geometry, num_layers=num_layers,
                    preprocessing=preprocessing, processor_config=dict(processor), source=source, vlm=handle)
+
+
+def use_attention(model: nn.Module, implementation: str, where: str) -> None:
+    """Switch a transformers model (a VLM with its tower and language model alike) to another attention
+    implementation, or fail naming the setting."""
+    if not hasattr(model, "set_attn_implementation"):
+        raise StudentError(f"{where}: student.attn_implementation needs a transformers release with "
+                           f"set_attn_implementation")
+    try:
+        model.set_attn_implementation(implementation)
+    except (ValueError, ImportError, KeyError) as exc:
+        first_line = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise StudentError(f"{where}: student.attn_implementation={implementation!r}: {first_line}") from None
+    if model.config._attn_implementation != implementation:  # the model only warned that it cannot switch
+        raise StudentError(f"{where}: {type(model).__name__} cannot switch its attention to {implementation!r} "
+                           f"(it stays {model.config._attn_implementation!r})")
 
 
 def save_base(student: Student, directory: Path) -> None:

@@ -95,6 +95,35 @@ def test_bad_student_names_are_clear_errors(tmp_path):
         create_student(StudentConfig(name_or_path=str(tmp_path / "no_processor")))
 
 
+@pytest.mark.parametrize("name", ["tiny-clip", "tiny-qwen2_5_vl"])
+def test_attention_implementation_applies_to_the_whole_model_and_keeps_the_features(name, tmp_path):
+    from transformers import PretrainedConfig
+
+    size = (32, 48)
+    default = create_student(StudentConfig(name_or_path=name, image_size=size))
+    eager = create_student(StudentConfig(name_or_path=name, image_size=size, attn_implementation="eager"))
+    assert default.tower.config._attn_implementation == "sdpa"
+    model = eager.vlm() if eager.is_vlm else eager.tower
+    configs = [m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)]
+    assert len(configs) > 1 and all(c._attn_implementation == "eager" for c in configs)  # a VLM's LM too
+    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for x, y in zip(default(pixels), eager(pixels)):
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-5)
+    # The saved base does not carry the choice: an export, or a machine without the kernels, uses its default.
+    save_base(eager, tmp_path / "base")
+    assert "attn_implementation" not in (tmp_path / "base" / "config.json").read_text()
+
+
+def test_bad_attention_settings_are_clear_errors():
+    with pytest.raises(StudentError, match="student.attn_implementation='nonsense'"):
+        create_student(StudentConfig(name_or_path="tiny-clip", attn_implementation="nonsense"))
+    with pytest.raises(StudentError, match="timm ViT picks its own"):
+        create_student(StudentConfig(name_or_path="tiny-timm", attn_implementation="sdpa"))
+    with pytest.raises(ConfigError, match="student.attn_implementation"):
+        StudentConfig(attn_implementation="")
+
+
 def _resolved(**kwargs) -> tuple[StudentConfig, object]:
     cfg = StudentConfig(name_or_path="tiny-clip", **kwargs)
     student = create_student(cfg)
