@@ -9,10 +9,10 @@ from geod.stage2_distill.qwen_windows import route_equal_windows
 from geod.stage2_distill.students import create_student
 
 
-def _students(size: tuple[int, int]):
+def _students(size: tuple[int, int], device: str = "cpu"):
     """(routed, stock): the same seeded tiny Qwen2.5-VL, with and without the routing."""
-    routed = create_student(StudentConfig(name_or_path="tiny-qwen2_5_vl", image_size=size))
-    stock = create_student(StudentConfig(name_or_path="tiny-qwen2_5_vl", image_size=size))
+    routed = create_student(StudentConfig(name_or_path="tiny-qwen2_5_vl", image_size=size)).to(device)
+    stock = create_student(StudentConfig(name_or_path="tiny-qwen2_5_vl", image_size=size)).to(device)
     for block in stock.tower.blocks:
         del block.attn.forward  # back to the class's forward
     return routed, stock
@@ -65,3 +65,16 @@ def test_routing_is_left_out_for_other_attention_and_applied_once():
     assert route_equal_windows(eager.tower) == 0
     routed = create_student(StudentConfig(name_or_path="tiny-qwen2_5_vl", image_size=(64, 64)))
     assert route_equal_windows(routed.tower) == 0  # create_student routed every block already
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_routed_attention_on_cuda_under_bf16_autocast_equals_the_towers_own():
+    # On CUDA the one call and the per-window calls may pick different SDPA kernels: equal up to bf16 rounding.
+    routed, stock = _students((64, 96), "cuda")
+    pixels = torch.randn(4, 3, 64, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        got, want = routed(pixels), stock(pixels)
+    for x, y in zip(got, want):
+        scale = y.float().abs().max()
+        assert (x.float() - y.float()).abs().max() <= 2e-2 * scale
