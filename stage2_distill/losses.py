@@ -104,13 +104,7 @@ def cost_volume_kl(cells_a: torch.Tensor, cells_b: torch.Tensor, index: torch.Te
     student row is softmax(cos(a_p, b_q) / temperature) over all P cells of B.
     """
     logits = (_wide(cells_a) @ _wide(cells_b).transpose(1, 2)) / temperature  # [B, P, P]
-    log_student = torch.log_softmax(logits, dim=-1).gather(-1, index.long())  # [B, P, K]
-    prob = _wide(prob)
-    mass = prob.sum(-1, keepdim=True)
-    teacher = prob / mass.clamp(min=1e-12)
-    rows = valid & (mass.squeeze(-1) > 0)
-    kl = (torch.xlogy(teacher, teacher) - teacher * log_student).sum(-1)  # [B, P]
-    return _masked_pair_mean(kl, rows.to(kl.dtype))
+    return _sparse_teacher_kl(logits, torch.logsumexp(logits, dim=-1), index, prob, valid)
 
 
 def two_way_cost_volume_kl(cells_a: torch.Tensor, cells_b: torch.Tensor, ab: tuple, ba: tuple, *,

@@ -105,8 +105,7 @@ def launch_step(model: DistillModel, batch: dict, optimizer: torch.optim.Optimiz
     if world > 1:
         with _autocast(cfg, device):
             parts = model(batch, cfg.loss, cv_grid)
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        return StepOutcome.done(*_distributed_step(parts, optimizer, params, clip, device, world))
+        return StepOutcome.done(*_distributed_step(parts, optimizer, params, _clip_norm(cfg), device, world))
     if not skips_on_device(optimizer):
         names, stats = _forward_backward(model, batch, params, cfg, cv_grid, device)
         outcome = StepOutcome(names, stats)
@@ -148,6 +147,11 @@ def read_later(names: list[str], stats: torch.Tensor, device: torch.device) -> S
     return StepOutcome(names, stats, event, deferred=True)
 
 
+def _clip_norm(cfg: DistillConfig) -> float:
+    """The gradient-norm bound: optim.grad_clip, or none (infinite) when it is 0."""
+    return cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+
+
 def _autocast(cfg: DistillConfig, device: torch.device, cache: bool = True):
     """bf16 autocast on CUDA when run.bf16 is set; `cache` False recasts weights at each use."""
     enabled = cfg.run.bf16 and device.type == "cuda"
@@ -165,8 +169,7 @@ def _forward_backward(model: DistillModel, batch: dict, params: list, cfg: Disti
     # as checking it first (no update), its gradients are discarded.
     loss_finite = torch.isfinite(total.detach())
     total.backward()
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    norm = torch.nn.utils.clip_grad_norm_(params, _clip_norm(cfg))
     stats = torch.stack([loss_finite.float(), norm.detach().float(), *(parts[k].detach().float() for k in names)])
     return names, stats
 
