@@ -298,7 +298,8 @@ def bench_student(label: str, args, device) -> dict:
               "trainable_params": sum(p.numel() for p in params),
               "tower_params": sum(p.numel() for p in student.base_model().parameters()),
               "compiled_losses": compiled, "fused_adamw": bool(optimizer.defaults.get("fused")),
-              "uint8_pixels": raw}
+              "uint8_pixels": raw, "loader_workers": cfg.data.workers,
+              "reduced_decode": cfg.data.reduced_decode}
     print(f"[{label}] built in {time.perf_counter() - started:.1f}s: {result}", flush=True)
 
     # (a) plain: LoRA only (the bottleneck adapters are bypassed), trivial loss on the fed layer; also with the
@@ -450,18 +451,18 @@ def _data_alone(cfg, preprocessing, args, device) -> dict:
     raw = device.type == "cuda"  # what the workers send on CUDA: resized uint8 pixels
     stream = PairStream(cfg.data, preprocessing, raw_pixels=raw)
     index, source = stream.index, stream.source
-    parts = {"read_verify_decode": [], "resize": [], "normalise": []}
+    # Per image: a full decode and resize, and the worker's path (`PairSource.pixels`: read, verify, decode
+    # at a reduced scale where data.reduced_decode allows, resize; uint8 on CUDA, normalised on the CPU).
+    parts = {"full_decode_resize": [], "worker_pixels": []}
     height, width = preprocessing.image_size
     for position in np.flatnonzero(index.eligible)[:8].tolist():
         t0 = time.perf_counter()
         image = source.image(index.image_a[position], index.sha_a[position])
+        np.asarray(Image.fromarray(image).resize((width, height), resample=Image.Resampling(preprocessing.resample)))
         t1 = time.perf_counter()
-        resized = np.asarray(Image.fromarray(image).resize((width, height),
-                                                          resample=Image.Resampling(preprocessing.resample)))
+        source.pixels(index.image_a[position], index.sha_a[position], raw=raw)
         t2 = time.perf_counter()
-        preprocessing(resized)
-        t3 = time.perf_counter()
-        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+        for key, value in zip(parts, (t1 - t0, t2 - t1)):
             parts[key].append(1e3 * value)
     out["data_ms_per_image"] = {k: float(np.median(v)) for k, v in parts.items()}
     it = iter(stream)  # in this process: stream 0's batches (at least two)
@@ -558,7 +559,7 @@ def _breakdown(model, batch, optimizer, params, cfg, cv_grid, device, use_bf16, 
 def _table(results: list[dict]) -> str:
     lines = ["| student | pairs/step | steps | plain ms (graph) | geod compute ms (+% vs plain, vs graph) "
              "| geod step ms (+%, vs graph) | pairs/s step | data wait ms | data alone pairs/s (w) "
-             "| ms/image decode, resize, norm | peak GiB plain / geod |",
+             "| ms/image full decode + resize, worker path | peak GiB plain / geod |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
@@ -588,7 +589,8 @@ def main() -> None:
     parser.add_argument("--students", default=",".join(STUDENTS), help="comma-separated, from: " + ", ".join(STUDENTS)
                         + "; NAME@N runs NAME at N pairs per step")
     parser.add_argument("--batch", type=int, default=0, help="pairs per step (0 = each student's default)")
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader workers (default: what geod distill chooses, data.workers unset)")
     parser.add_argument("--workers-max", type=int, default=0, help="also time the loader alone with this many")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -622,6 +624,11 @@ def main() -> None:
     import torch
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.workers is None:
+        from geod.stage2_distill.data import default_workers
+
+        args.workers = default_workers()
+    print(f"loader workers {args.workers}", flush=True)
     args.workers_max = args.workers_max or args.workers
     height, width = (int(v) for v in args.image.split("x"))
     root = Path(args.data_dir or Path(tempfile.gettempdir()) / "geod-bench-distill")

@@ -101,15 +101,28 @@ def read_bytes(ref: str, base_dir: str | Path) -> bytes:
 
 def decode_image(data: bytes, ref: str) -> np.ndarray:
     """Decode an image fully into H x W x 3 uint8 RGB; corrupt or truncated files raise InputReadError."""
+    return np.asarray(open_rgb(data, ref), dtype=np.uint8).copy()
+
+
+def open_rgb(data: bytes, ref: str, *, at_least: tuple[int, int] | None = None):
+    """Decode an image fully into an RGB PIL image; corrupt or truncated files raise InputReadError.
+
+    at_least=(H, W): the caller will shrink the image to that size anyway, so a JPEG at least twice as large
+    on both sides may be decoded at a reduced scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling) that keeps both
+    sides at or above the request. That decodes 4-64x fewer pixels and leaves the caller a smaller image to
+    resample; the pixels differ from a full decode followed by the same resize by about one level in 255.
+    Other formats, and JPEGs under twice the size, decode in full.
+    """
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if at_least is not None:
+                img.draft(None, (int(at_least[1]), int(at_least[0])))  # PIL sizes are (W, H)
             img.load()  # forces the whole decode now, so truncation is detected here
-            rgb = img.convert("RGB")
+            return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputReadError(f"{ref}: cannot decode image: {exc}") from exc
-    return np.asarray(rgb, dtype=np.uint8).copy()
 
 
 def decode_depth(data: bytes, ref: str, depth_scale: float | None = None) -> np.ndarray:

@@ -213,8 +213,9 @@ def distill(
     steps: Optional[int] = typer.Option(None, help="Optimiser steps (default 1000)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-4)."),
     batch_size: Optional[int] = typer.Option(None, help="Pairs per step (default 8)."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default 2; about half the cores on a GPU "
-                                                     "machine). Part of the data order."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: the CPUs this process may "
+                                                     "use, less two, at most 16). Part of the data order: "
+                                                     "recorded, and kept by --resume."),
     split: Optional[str] = typer.Option(None, help="Split to train on (default train; 'all' = every ok pair)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
     config: Optional[Path] = typer.Option(None, help="JSON config (sections as in RUN/config.json)."),

@@ -111,6 +111,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
+def checkpoint_config(path: Path) -> dict:
+    """The resolved config a checkpoint was written with."""
+    return json.loads((Path(path) / "state.json").read_text())["config"]
+
+
 def load_checkpoint(path: Path, model: DistillModel, optimizer: torch.optim.Optimizer, config: dict) -> TrainState:
     """Restore weights, optimizer, RNG and position from checkpoint `path`; the config must match."""
     meta = json.loads((path / "state.json").read_text())

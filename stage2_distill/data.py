@@ -14,6 +14,8 @@ batch b. Skipped batches read nothing. All randomness (row shuffle, match subset
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,14 +94,19 @@ def plan_stream(index: PairIndex, *, epoch: int, seed: int, stream: int, n_strea
 
 
 class PairSource:
-    """Reads target rows and the images they refer to; opens the dataset lazily (once per process)."""
+    """Reads target rows and the images they refer to; opens the dataset lazily (once per process).
+
+    reduced_decode: JPEGs at least twice the student's input size are decoded at a reduced scale before
+    the resize (`open_rgb`'s `at_least`), for training streams; evaluation keeps full decodes.
+    """
 
     def __init__(self, shards: str, storage_options: dict, image_root: str | None,
-                 preprocessing: Preprocessing, verify_images: bool = True) -> None:
+                 preprocessing: Preprocessing, verify_images: bool = True, *, reduced_decode: bool = False) -> None:
         self.shards = shards
         self.storage_options = storage_options
         self.preprocessing = preprocessing
         self.verify_images = verify_images
+        self.reduced_decode = reduced_decode
         self._dataset = None
         self.layout = self.dataset().layout
         self.base_dir = _image_base(self.dataset(), shards, image_root)
@@ -120,20 +127,24 @@ class PairSource:
         return self.dataset().read_rows(shard, start, stop, names=list(TARGET_ARRAYS))
 
     def image(self, ref: str, sha256: str | None) -> np.ndarray:
-        """The decoded image (HxWx3 uint8), checked against the sha256 the targets were built from."""
-        from geod.data_manifests.views import decode_image, read_bytes
+        """The fully decoded image (HxWx3 uint8), checked against the sha256 the targets were built from."""
+        return np.asarray(self._open(ref, sha256, at_least=None)).copy()
+
+    def pixels(self, ref: str, sha256: str | None, *, raw: bool = False) -> np.ndarray:
+        """3xHxW float32 normalised pixels, or (raw) the resized 3xHxW uint8 ones for `normalise_tensor`."""
+        at_least = self.preprocessing.image_size if self.reduced_decode else None
+        image = self._open(ref, sha256, at_least=at_least)  # a PIL image, resized without an array copy first
+        return self.preprocessing.resize_only(image) if raw else self.preprocessing(image)
+
+    def _open(self, ref: str, sha256: str | None, *, at_least: tuple[int, int] | None):
+        from geod.data_manifests.views import open_rgb, read_bytes
         from geod.pipeline.hashing import sha256_bytes
 
         data = read_bytes(ref, self.base_dir)
         if self.verify_images and sha256 and sha256_bytes(data) != sha256:
             raise InputReadError(f"image {ref!r} (under {self.base_dir}) changed since the targets were built: "
                                  f"sha256 differs from the index")
-        return decode_image(data, ref)
-
-    def pixels(self, ref: str, sha256: str | None, *, raw: bool = False) -> np.ndarray:
-        """3xHxW float32 normalised pixels, or (raw) the resized 3xHxW uint8 ones for `normalise_tensor`."""
-        image = self.image(ref, sha256)
-        return self.preprocessing.resize_only(image) if raw else self.preprocessing(image)
+        return open_rgb(data, ref, at_least=at_least)
 
 
 def _image_base(dataset, shards: str, image_root: str | None) -> str:
@@ -203,6 +214,13 @@ def collate_pairs(rows: list[dict[str, np.ndarray]], pixels_a: list[np.ndarray],
     return batch
 
 
+def default_workers(world_size: int = 1) -> int:
+    """Loader workers for `data.workers=None`: this rank's share of the CPUs available to the process, less
+    two (the training process and its pin-memory thread), between 1 and 16."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cpus // max(world_size, 1) - 2))
+
+
 class PairStream(IterableDataset):
     """Seeded, resumable, rank- and worker-split stream of collated batches (use with batch_size=None).
 
@@ -222,12 +240,14 @@ class PairStream(IterableDataset):
         self.pack = pack
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
+        if cfg.workers is None:
+            cfg = dataclasses.replace(cfg, workers=default_workers(world_size))
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         self.workers = max(cfg.workers, 1)
         self.source = PairSource(cfg.shards, cfg.storage_options, cfg.image_root, preprocessing,
-                                 cfg.verify_images)
+                                 cfg.verify_images, reduced_decode=cfg.reduced_decode)
         self.index = PairIndex.from_dataset(self.source.dataset(), cfg.split, cfg.shards)
         self.source.close()
         self.cv_grid = (self.source.layout.grid_h, self.source.layout.grid_w)

@@ -58,8 +58,8 @@ class Preprocessing:
     resample: int = 3  # PIL resampling filter code (3 = bicubic)
     rescale_factor: float = 1.0 / 255.0
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 RGB -> 3xHxW float32, ready for the student."""
+    def __call__(self, image) -> np.ndarray:
+        """HxWx3 RGB (a uint8 or float array, or an RGB PIL image) -> 3xHxW float32, ready for the student."""
         image = self._resized(image)
         if image.dtype != np.uint8:
             pixels = self._normalise(image.astype(np.float32))
@@ -70,9 +70,10 @@ class Preprocessing:
         planes = np.ascontiguousarray(image.transpose(2, 0, 1))
         return np.stack([np.take(table[:, c], planes[c]) for c in range(3)])
 
-    def resize_only(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 RGB -> 3xHxW uint8 at the student's size, not yet normalised (see `normalise_tensor`)."""
-        if image.dtype != np.uint8:
+    def resize_only(self, image) -> np.ndarray:
+        """HxWx3 uint8 RGB (an array or an RGB PIL image) -> 3xHxW uint8 at the student's size, not yet
+        normalised (see `normalise_tensor`)."""
+        if isinstance(image, np.ndarray) and image.dtype != np.uint8:
             raise ValueError(f"Preprocessing.resize_only expects uint8 pixels, got {image.dtype}")
         return np.ascontiguousarray(self._resized(image).transpose(2, 0, 1))
 
@@ -96,10 +97,14 @@ class Preprocessing:
         offsets = torch.arange(0, 3 * 256, 256, device=pixels.device).view(3, 1, 1)
         return torch.take(table, pixels.long() + offsets)
 
-    def _resized(self, image: np.ndarray) -> np.ndarray:
+    def _resized(self, image) -> np.ndarray:
         from PIL import Image
 
         height, width = self.image_size
+        if isinstance(image, Image.Image):  # resized as it is: no round trip through an array first
+            if image.size != (width, height):
+                image = image.resize((width, height), resample=Image.Resampling(self.resample))
+            return np.asarray(image)
         if image.shape[:2] != (height, width):
             resized = Image.fromarray(image).resize((width, height), resample=Image.Resampling(self.resample))
             image = np.asarray(resized)

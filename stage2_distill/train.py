@@ -26,14 +26,15 @@ from geod.stage2_distill.checkpoint import (
     BASE_DIR,
     CHECKPOINTS,
     TrainState,
+    checkpoint_config,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     save_outputs,
     write_run_info,
 )
-from geod.stage2_distill.config import DistillConfig, OptimConfig
-from geod.stage2_distill.data import PairStream, make_loader
+from geod.stage2_distill.config import DataConfig, DistillConfig, OptimConfig
+from geod.stage2_distill.data import PairStream, default_workers, make_loader
 from geod.stage2_distill.graphed_step import GraphedStep, graph_step_possible
 from geod.stage2_distill.model import DistillModel
 from geod.stage2_distill.step import (  # noqa: F401
@@ -108,6 +109,16 @@ def _prepare_run_dir(cfg: DistillConfig, rank: int) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def _data_resolved(cfg: DistillConfig, world: int) -> DataConfig:
+    """cfg.data with its worker count fixed: as configured, else as the run being resumed chose it, else from
+    this machine's CPUs (`default_workers`). The count is part of the data order."""
+    if cfg.data.workers is not None:
+        return cfg.data
+    checkpoints = list_checkpoints(cfg.run.out) if cfg.run.resume else []
+    saved = checkpoint_config(checkpoints[-1]).get("data", {}).get("workers") if checkpoints else None
+    return dataclasses.replace(cfg.data, workers=default_workers(world) if saved is None else int(saved))
+
+
 def _student_info(cfg: DistillConfig, student, base_in_run: bool, run_dir: Path) -> dict:
     info = student.describe()
     info["image_size"] = list(cfg.student.image_size)
@@ -153,7 +164,8 @@ def _setup(cfg: DistillConfig) -> _Session:
     torch.manual_seed(cfg.data.seed)  # head initialisation
     student = create_student(cfg.student)
     resolved = dataclasses.replace(cfg, student=cfg.student.resolved(student.num_layers, student.image_size,
-                                                                         is_vlm=student.is_vlm))
+                                                                         is_vlm=student.is_vlm),
+                                   data=_data_resolved(cfg, world))
     base_in_run = student.source.get("kind") == "tiny"
     if rank == 0 and base_in_run and not (run_dir / BASE_DIR).is_dir():
         tmp = run_dir / f".tmp-{BASE_DIR}-{os.getpid()}"
@@ -175,7 +187,7 @@ def _setup(cfg: DistillConfig) -> _Session:
     # or captured once.
     cuda = device.type == "cuda"
     graphed, graph_note = graph_step_possible(cfg, device, world, model, optimizer)
-    stream = PairStream(cfg.data, student.preprocessing, rank=rank, world_size=world, raw_pixels=cuda,
+    stream = PairStream(resolved.data, student.preprocessing, rank=rank, world_size=world, raw_pixels=cuda,
                         pad_matches=compiled or graphed, pack=cuda)
     return _Session(cfg=cfg, config=resolved.to_dict(), model=model, params=params, optimizer=optimizer,
                     stream=stream, student_info=_student_info(resolved, student, base_in_run, run_dir),

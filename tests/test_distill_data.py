@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -182,9 +184,9 @@ def test_skipped_batches_load_no_images(dataset, monkeypatch):
     stream = PairStream(_config(dataset, batch_size=2), PREP)
     total = stream.batches_per_epoch(0)
     calls = []
-    original = type(stream.source).image
-    monkeypatch.setattr(type(stream.source), "image", lambda self, ref, sha: calls.append(ref) or
-                        original(self, ref, sha))
+    original = type(stream.source)._open
+    monkeypatch.setattr(type(stream.source), "_open", lambda self, ref, sha, **kw: calls.append(ref) or
+                        original(self, ref, sha, **kw))
     stream.set_position(0, total - 1)
     assert len(list(make_loader(stream))) == 1
     assert len(calls) == 2 * 2  # one batch of two pairs, two images each
@@ -198,3 +200,27 @@ def test_changed_image_and_missing_split_are_clear_errors(tmp_path):
     stream = PairStream(_config(path, batch_size=4, shuffle_blocks=1), PREP)
     with pytest.raises(InputReadError, match="0000_a.png"):
         list(make_loader(stream))
+
+
+def test_reduced_decode_shrinks_jpegs_before_the_resize_and_full_decode_gives_the_processors_pixels(tmp_path):
+    # The toy images are twice PREP's size: with reduced_decode (the default) view A's JPEGs decode at half
+    # scale and then resize as usual; without it they decode in full. View B's PNGs are unaffected.
+    from geod.data_manifests.views import decode_image, open_rgb
+    from PIL import Image
+
+    path = make_target_dataset(tmp_path, pairs=4)
+    for png in (tmp_path / "images").glob("*_a.png"):
+        buffer = io.BytesIO()
+        Image.open(png).convert("RGB").save(buffer, format="JPEG", quality=95)
+        png.write_bytes(buffer.getvalue())  # decoders go by content, not by name
+    config = {"batch_size": 4, "shuffle_blocks": 1, "verify_images": False}
+    full = next(iter(make_loader(PairStream(_config(path, reduced_decode=False, **config), PREP, raw_pixels=True))))
+    fast = next(iter(make_loader(PairStream(_config(path, **config), PREP, raw_pixels=True))))
+    assert torch.equal(full["pixel_b"], fast["pixel_b"])
+    assert not torch.equal(full["pixel_a"], fast["pixel_a"])
+    for row, pair_id in enumerate(full["pair_id"]):
+        data = (tmp_path / "images" / f"{pair_id[1:]}_a.png").read_bytes()
+        half = open_rgb(data, "a.jpg", at_least=PREP.image_size)
+        assert half.size == (24, 16)  # (W, H): the 48x32 JPEG at 1/2
+        assert torch.equal(fast["pixel_a"][row], torch.from_numpy(PREP.resize_only(half)))
+        assert torch.equal(full["pixel_a"][row], torch.from_numpy(PREP.resize_only(decode_image(data, "a.jpg"))))

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from geod.data_manifests.manifest import load_manifest, write_manifest
-from geod.data_manifests.views import (decode_depth, decode_disparity, decode_image, load_pair, read_bytes,
+from geod.data_manifests.views import (decode_depth, decode_disparity, decode_image, load_pair, open_rgb, read_bytes,
                                        resolve_ref)
 from geod.pipeline.errors import InputReadError, ManifestError
 
@@ -86,6 +86,38 @@ def test_decode_image_is_exact_and_rejects_corrupt_files():
         decode_image(truncated, "broken.jpg")
     with pytest.raises(InputReadError, match=r"^junk\.png: cannot decode image"):
         decode_image(b"\x89PNG not really", "junk.png")
+
+
+def _smooth(height: int, width: int) -> np.ndarray:
+    coarse = np.random.default_rng(3).integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def test_open_rgb_decodes_large_jpegs_at_the_smallest_scale_that_keeps_the_requested_size():
+    data = _jpeg(_smooth(96, 128))
+    assert open_rgb(data, "x.jpg").size == (128, 96)
+    # (W, H) of the decode: the largest of 1/8, 1/4, 1/2 that keeps both sides at or above the request
+    assert open_rgb(data, "x.jpg", at_least=(12, 16)).size == (16, 12)
+    assert open_rgb(data, "x.jpg", at_least=(24, 30)).size == (32, 24)
+    assert open_rgb(data, "x.jpg", at_least=(40, 40)).size == (64, 48)
+    assert open_rgb(data, "x.jpg", at_least=(60, 70)).size == (128, 96)  # under 2x on one side: full decode
+    # Other formats decode in full; gray JPEGs still come back RGB.
+    assert open_rgb(_png(_smooth(96, 128)), "x.png", at_least=(12, 16)).size == (128, 96)
+    gray = open_rgb(_jpeg(_smooth(96, 128)[:, :, 0].copy()), "g.jpg", at_least=(24, 30))
+    assert gray.mode == "RGB" and gray.size == (32, 24)
+    truncated = _jpeg(_smooth(96, 128))[:-300]
+    with pytest.raises(InputReadError, match=r"^broken\.jpg: cannot decode image"):
+        open_rgb(truncated, "broken.jpg", at_least=(24, 30))
+
+
+def test_reduced_decode_then_resize_stays_within_a_level_or_two_of_the_full_decode():
+    data = _jpeg(_smooth(480, 640))
+    full = np.asarray(Image.fromarray(decode_image(data, "x.jpg")).resize((224, 168), Image.Resampling.BICUBIC),
+                      np.int16)
+    reduced = np.asarray(open_rgb(data, "x.jpg", at_least=(168, 224)).resize((224, 168), Image.Resampling.BICUBIC),
+                         np.int16)
+    difference = np.abs(full - reduced)
+    assert difference.mean() < 1.0 and difference.max() <= 8
 
 
 def test_decode_depth_units_and_unknowns():

@@ -122,6 +122,35 @@ def test_existing_run_needs_resume_or_overwrite_and_resume_checks_the_config(dat
     assert again.steps == 2 and len(list_checkpoints(tmp_path / "r")) == 1
 
 
+def test_unset_worker_count_is_chosen_once_recorded_and_kept_by_a_resume(dataset, tmp_path, monkeypatch):
+    # data.workers=None takes the machine's count when the run starts; the run's config records it, and a
+    # resume on a machine that would choose differently keeps the recorded one (it is part of the data order).
+    def unset(**run):
+        cfg = _config(dataset, tmp_path / "w", steps=4, **run)
+        cfg.data.workers = None
+        return cfg
+
+    monkeypatch.setattr(train, "default_workers", lambda world: 2)
+    first = train.run_distill(unset(stop_after_steps=2))
+    assert first.steps == 2
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["data"]["workers"] == 2
+    monkeypatch.setattr(train, "default_workers", lambda world: 1)
+    second = train.run_distill(unset(resume=True))
+    assert second.finished and second.steps == 4
+    saved = json.loads((list_checkpoints(tmp_path / "w")[-1] / "state.json").read_text())["config"]["data"]
+    assert saved["workers"] == 2
+    assert train.run_distill(unset(overwrite=True, stop_after_steps=1)).steps == 1
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["data"]["workers"] == 1
+
+
+def test_default_workers_leave_two_cpus_and_stay_between_1_and_16(monkeypatch):
+    from geod.stage2_distill import data
+
+    for cpus, world, expected in ((2, 1, 1), (16, 1, 14), (16, 2, 6), (128, 1, 16), (64, 8, 6)):
+        monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert data.default_workers(world) == expected, (cpus, world)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_autocast_on_cuda_matches_fp32_and_trains(tmp_path):
