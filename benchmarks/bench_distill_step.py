@@ -398,11 +398,14 @@ def bench_student(label: str, args, device) -> dict:
     # (c) the step as `geod distill` runs it: batches from the DataLoader (new loader, batch 0 of epoch 0);
     # FED variants: packed (two buffers per batch) or separate tensors, outcome deferred or read every step.
     fed_variants = [] if args.fed == "none" else args.fed.split(",")
+    # A variant named again (to interleave repeats) is recorded as NAME#2, NAME#3, ...
+    fed_variants = [v if fed_variants[:i].count(v) == 0 else f"{v}#{fed_variants[:i].count(v) + 1}"
+                    for i, v in enumerate(fed_variants)]
     for variant in fed_variants:
-        transport, _, readout = variant.partition("-")
+        transport, readout, *copies = variant.partition("#")[0].split("-")
         fed_stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=compiled or graphs,
                                 pack=raw and transport == "packed")
-        mover = step.BatchMover(device, student.preprocessing)
+        mover = step.BatchMover(device, student.preprocessing, side_stream=copies != ["inline"])
         batches = _epochs(fed_stream, device)
         waits = []
 
@@ -617,7 +620,8 @@ def main() -> None:
                         help="variants of (c), comma-separated TRANSPORT-READOUT, the first reported as the step: "
                              "TRANSPORT packed (two buffers per batch, as geod distill sends them on CUDA) or "
                              "separate (one tensor per array); READOUT deferred (the step's outcome is read after "
-                             "the next step is queued, as geod distill does) or sync (read at once); "
+                             "the next step is queued, as geod distill does) or sync (read at once); a third part "
+                             "-inline copies each batch on the step's stream instead of a side stream; "
                              "none: leave (c) out")
     args = parser.parse_args()
 

@@ -224,12 +224,16 @@ def distill(
     overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
 ) -> None:
     """Stage 2: fine-tune a student's vision encoder from a target dataset (no 3D model is loaded)."""
+    from geod.stage2_distill.checkpoint import with_added_settings
     from geod.stage2_distill.config import DistillConfig, apply_overrides
     from geod.stage2_distill.train import run_distill
 
-    if config is None and resume and (out / "config.json").exists():
+    own_config = config is None and resume and (out / "config.json").exists()
+    if own_config:
         config = out / "config.json"  # resume with the run's own resolved config unless told otherwise
     data = _config_dict(config)
+    if own_config:
+        data = with_added_settings(data)  # settings newer than the run take the value it ran with
     data.get("run", {}).pop("stop_after_steps", None)  # a per-invocation limit: never inherited on resume
     data.setdefault("data", {})["shards"] = shards
     data.setdefault("run", {}).update(out=str(out), resume=resume, overwrite=overwrite)

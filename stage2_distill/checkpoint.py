@@ -63,9 +63,22 @@ def _trainable_state(model: DistillModel) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
+# Settings introduced after runs could already be saved, with the value that reproduces how a run saved
+# without them behaved; a resume of such a run takes that value (see `with_added_settings`).
+ADDED_SETTINGS = {("data", "reduced_decode"): False}
+
+
+def with_added_settings(config: dict) -> dict:
+    """A saved config dict with every setting of ADDED_SETTINGS it lacks filled in as the run behaved."""
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
+    for (section, key), value in ADDED_SETTINGS.items():
+        out.setdefault(section, {}).setdefault(key, value)
+    return out
+
+
 def _comparable(config: dict) -> dict:
     """The parts of a config that must not change across a resume (the run section may)."""
-    return {key: value for key, value in config.items() if key != "run"}
+    return {key: value for key, value in with_added_settings(config).items() if key != "run"}
 
 
 def save_checkpoint(run_dir: Path, model: DistillModel, optimizer: torch.optim.Optimizer, state: TrainState,

@@ -29,12 +29,19 @@ def make_optimizer(params: list, cfg: OptimConfig, device: torch.device) -> torc
 
 class BatchMover:
     """Moves loader batches to `device`. uint8 pixels (a stream made with `raw_pixels`) are normalised there
-    with `preprocessing`, bitwise what the workers would compute; the lookup table goes to the device once."""
+    with `preprocessing`, bitwise what the workers would compute; the lookup table goes to the device once.
 
-    def __init__(self, device: torch.device, preprocessing=None) -> None:
+    side_stream (CUDA): the copies and the normalisation run on a stream of their own, and the stream that
+    called waits for them: a batch fetched while the previous step is still running (the training loop queues
+    a step and then fetches the next batch) is copied during that step instead of after it.
+    """
+
+    def __init__(self, device: torch.device, preprocessing=None, *, side_stream: bool = True) -> None:
         self.device = device
         self.preprocessing = preprocessing
+        self.side_stream = side_stream
         self._table = None
+        self._copies = None  # the copy stream, made on first use
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels -> the student's float32 input; other dtypes are already normalised."""
@@ -47,7 +54,21 @@ class BatchMover:
         return self.preprocessing.normalise_tensor(pixels, self._table)
 
     def __call__(self, batch: dict | PackedBatch) -> dict:
-        """The batch on the device (asynchronous copies from pinned memory)."""
+        """The batch on the device (asynchronous copies from pinned memory), ready for the calling stream."""
+        if self.device.type != "cuda" or not self.side_stream:
+            return self._move(batch)
+        consumer = torch.cuda.current_stream(self.device)
+        if self._copies is None:
+            self._copies = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._copies):
+            moved = self._move(batch)
+        consumer.wait_stream(self._copies)
+        for value in moved.values():
+            if torch.is_tensor(value):
+                value.record_stream(consumer)  # made on the copy stream, used (and freed) on the consumer's
+        return moved
+
+    def _move(self, batch: dict | PackedBatch) -> dict:
         if isinstance(batch, PackedBatch):
             return batch.unpack(self.device, self.normalise)
         moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -114,6 +114,34 @@ def test_distill_resume_continues_the_run_with_its_own_config(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
+def test_resuming_a_run_saved_before_a_setting_existed_keeps_how_it_ran(tmp_path):
+    # A run saved without data.reduced_decode decoded every image in full: its resume continues that way, and
+    # asking it to decode otherwise is refused as a configuration change.
+    import json
+
+    from distill_helpers import make_target_dataset
+
+    shards = make_target_dataset(tmp_path / "targets")
+    common = ["--shards", str(shards), "--out", "run"]
+    first = _geod("distill", *common, "--steps", "4", "--workers", "0", "--device", "cpu",
+                  "--set", "run.stop_after_steps=2", "--set", "run.checkpoint_every=2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    for path, keys in ((tmp_path / "run" / "config.json", ()),
+                       (tmp_path / "run" / "checkpoints" / "step-000002" / "state.json", ("config",))):
+        saved = json.loads(path.read_text())
+        node = saved
+        for key in keys:
+            node = node[key]
+        del node["data"]["reduced_decode"]  # as an older geod wrote it
+        path.write_text(json.dumps(saved))
+    changed = _geod("distill", *common, "--resume", "--set", "data.reduced_decode=true", cwd=tmp_path)
+    assert changed.returncode != 0 and "data.reduced_decode" in changed.stderr
+    resumed = _geod("distill", *common, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "4 steps" in resumed.stdout
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["reduced_decode"] is False
+
+
 def test_eval_like_takes_the_image_size_of_a_run(tmp_path):
     import json
 

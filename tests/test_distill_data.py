@@ -148,6 +148,28 @@ def test_packed_batches_unpack_to_the_collated_ones(dataset, workers, raw):
                 assert b[key].dtype == a[key].dtype and torch.equal(b[key], a[key]), key
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_copied_on_a_side_stream_are_complete_when_the_consumer_reads_them(dataset):
+    # The mover copies and normalises on its own stream. Its copies are held back here behind a long kernel on
+    # that stream; the consumer's stream must still see each whole batch, and the values equal the CPU path.
+    from geod.stage2_distill.step import BatchMover
+
+    cfg = _config(dataset, max_matches=5)
+    plain = list(make_loader(PairStream(cfg, PREP, pad_matches=True)))
+    packed = list(make_loader(PairStream(cfg, PREP, raw_pixels=True, pad_matches=True, pack=True),
+                              pin_memory=True))
+    mover = BatchMover(torch.device("cuda"), PREP)
+    mover(packed[0])  # makes the copy stream
+    for a, p in zip(plain, packed):
+        with torch.cuda.stream(mover._copies):
+            torch.cuda._sleep(20_000_000)  # about 10 ms of GPU time before the copies can start
+        b = mover(p)
+        read = {key: b[key].clone() for key in a if key != "pair_id"}  # read on the consumer stream
+        for key, value in read.items():
+            assert value.dtype == a[key].dtype and torch.equal(value.cpu(), a[key]), key
+
+
 def test_pack_batch_aligns_every_array_and_refuses_unknown_dtypes():
     from geod.stage2_distill.packing import ALIGN, pack_batch
 
