@@ -109,14 +109,26 @@ def _prepare_run_dir(cfg: DistillConfig, rank: int) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _data_resolved(cfg: DistillConfig, world: int) -> DataConfig:
+def _data_resolved(cfg: DistillConfig, world: int, device: torch.device) -> DataConfig:
     """cfg.data with its worker count fixed: as configured, else as the run being resumed chose it, else from
     this machine's CPUs (`default_workers`). The count is part of the data order."""
     if cfg.data.workers is not None:
         return cfg.data
     checkpoints = list_checkpoints(cfg.run.out) if cfg.run.resume else []
     saved = checkpoint_config(checkpoints[-1]).get("data", {}).get("workers") if checkpoints else None
-    return dataclasses.replace(cfg.data, workers=default_workers(world) if saved is None else int(saved))
+    if saved is not None:
+        return dataclasses.replace(cfg.data, workers=int(saved))
+    return dataclasses.replace(cfg.data, workers=_fewest_over_ranks(default_workers(world), device, world))
+
+
+def _fewest_over_ranks(count: int, device: torch.device, world: int) -> int:
+    """The smallest `count` of all ranks: every rank must split the data into the same streams, and ranks
+    bound to different CPU sets would each choose their own number."""
+    if world <= 1:
+        return count
+    value = torch.tensor([count], device=device if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return int(value.item())
 
 
 def _student_info(cfg: DistillConfig, student, base_in_run: bool, run_dir: Path) -> dict:
@@ -165,7 +177,7 @@ def _setup(cfg: DistillConfig) -> _Session:
     student = create_student(cfg.student)
     resolved = dataclasses.replace(cfg, student=cfg.student.resolved(student.num_layers, student.image_size,
                                                                          is_vlm=student.is_vlm),
-                                   data=_data_resolved(cfg, world))
+                                   data=_data_resolved(cfg, world, device))
     base_in_run = student.source.get("kind") == "tiny"
     if rank == 0 and base_in_run and not (run_dir / BASE_DIR).is_dir():
         tmp = run_dir / f".tmp-{BASE_DIR}-{os.getpid()}"

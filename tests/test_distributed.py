@@ -27,11 +27,15 @@ from geod.stage2_distill.config import DataConfig, DistillConfig, OptimConfig, R
 
 if __name__ == "__main__":
     dataset, out, steps, stop, resume = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    workers = 0
+    if sys.argv[6:] == ["auto-workers"]:  # left unset, with ranks that would choose differently
+        workers = None
+        train.default_workers = lambda world: 1 + int(os.environ["RANK"])
     sessions = []
     setup = train._setup
     train._setup = lambda cfg: sessions.append(setup(cfg)) or sessions[-1]  # keep the rank's model to hash it
     cfg = DistillConfig(
-        data=DataConfig(shards=dataset, batch_size=2, workers=0, shuffle_blocks=2, max_matches=12),
+        data=DataConfig(shards=dataset, batch_size=2, workers=workers, shuffle_blocks=2, max_matches=12),
         run=RunConfig(out=out, checkpoint_every=100, log_every=1, progress=False, device="cpu",
                       resume=resume == "resume", stop_after_steps=None if stop == "none" else int(stop)),
         student=StudentConfig(image_size=(32, 48), lora_layers=(2, 3), adapter_dim=8, lora_dropout=0.1),
@@ -42,7 +46,8 @@ if __name__ == "__main__":
         digest.update(param.detach().contiguous().numpy().tobytes())
     rank = int(os.environ["RANK"])
     (out / f"rank{rank}.json").write_text(json.dumps({"steps": summary.steps, "sha256": digest.hexdigest(),
-                                                      "losses": summary.last_losses}))
+                                                      "losses": summary.last_losses,
+                                                      "workers": sessions[-1].stream.cfg.workers}))
 """
 
 
@@ -82,3 +87,16 @@ def test_two_ranks_stay_in_step_and_resume_exactly(tmp_path):
     resumed = _ranks(tmp_path / "broken")
     assert resumed[0]["sha256"] == resumed[1]["sha256"] == unbroken[0]["sha256"]
     assert resumed[0]["losses"] == unbroken[0]["losses"]
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_an_unset_worker_count(tmp_path):
+    # Each rank would choose its own count from its CPUs; the data split needs one, so they take the smallest.
+    dataset = make_target_dataset(tmp_path / "targets", pairs=16)
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    _torchrun(script, str(dataset), str(tmp_path / "auto"), "2", "none", "fresh", "auto-workers")
+    ranks = _ranks(tmp_path / "auto")
+    assert ranks[0]["workers"] == ranks[1]["workers"] == 1
+    assert ranks[0]["sha256"] == ranks[1]["sha256"] and ranks[0]["steps"] == 2
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["data"]["workers"] == 1
