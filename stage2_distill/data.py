@@ -128,23 +128,27 @@ class PairSource:
 
     def image(self, ref: str, sha256: str | None) -> np.ndarray:
         """The fully decoded image (HxWx3 uint8), checked against the sha256 the targets were built from."""
-        return np.asarray(self._open(ref, sha256, at_least=None)).copy()
+        from geod.data_manifests.views import decode_image
+
+        return decode_image(self._verified_bytes(ref, sha256), ref)
 
     def pixels(self, ref: str, sha256: str | None, *, raw: bool = False) -> np.ndarray:
         """3xHxW float32 normalised pixels, or (raw) the resized 3xHxW uint8 ones for `normalise_tensor`."""
+        from geod.data_manifests.views import open_rgb
+
         at_least = self.preprocessing.image_size if self.reduced_decode else None
-        image = self._open(ref, sha256, at_least=at_least)  # a PIL image, resized without an array copy first
+        image = open_rgb(self._verified_bytes(ref, sha256), ref, at_least=at_least)  # resized as a PIL image
         return self.preprocessing.resize_only(image) if raw else self.preprocessing(image)
 
-    def _open(self, ref: str, sha256: str | None, *, at_least: tuple[int, int] | None):
-        from geod.data_manifests.views import open_rgb, read_bytes
+    def _verified_bytes(self, ref: str, sha256: str | None) -> bytes:
+        from geod.data_manifests.views import read_bytes
         from geod.pipeline.hashing import sha256_bytes
 
         data = read_bytes(ref, self.base_dir)
         if self.verify_images and sha256 and sha256_bytes(data) != sha256:
             raise InputReadError(f"image {ref!r} (under {self.base_dir}) changed since the targets were built: "
                                  f"sha256 differs from the index")
-        return open_rgb(data, ref, at_least=at_least)
+        return data
 
 
 def _image_base(dataset, shards: str, image_root: str | None) -> str:

@@ -101,14 +101,13 @@ class Preprocessing:
         from PIL import Image
 
         height, width = self.image_size
-        if isinstance(image, Image.Image):  # resized as it is: no round trip through an array first
-            if image.size != (width, height):
-                image = image.resize((width, height), resample=Image.Resampling(self.resample))
-            return np.asarray(image)
-        if image.shape[:2] != (height, width):
-            resized = Image.fromarray(image).resize((width, height), resample=Image.Resampling(self.resample))
-            image = np.asarray(resized)
-        return image
+        if isinstance(image, np.ndarray):
+            if image.shape[:2] == (height, width):
+                return image
+            image = Image.fromarray(image)
+        if image.size != (width, height):  # a PIL image is resized as it is: no array round trip first
+            image = image.resize((width, height), resample=Image.Resampling(self.resample))
+        return np.asarray(image)
 
     def _normalise(self, values: np.ndarray) -> np.ndarray:
         """float32 values [..., 3] -> (values * rescale_factor - mean) / std, per channel."""

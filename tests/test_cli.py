@@ -99,7 +99,9 @@ def test_extract_exits_non_zero_when_every_pair_failed(tmp_path):
     assert (tmp_path / "targets" / "index.parquet").exists()  # the failures themselves are recorded
 
 
-def test_distill_resume_continues_the_run_with_its_own_config(tmp_path):
+def _run_stopped_after_two_of_four_steps(tmp_path) -> list[str]:
+    """`geod distill` of a toy dataset into tmp_path/run, stopped with a checkpoint after 2 of 4 steps; returns
+    the --shards / --out arguments to resume it with."""
     from distill_helpers import make_target_dataset
 
     shards = make_target_dataset(tmp_path / "targets")
@@ -108,6 +110,11 @@ def test_distill_resume_continues_the_run_with_its_own_config(tmp_path):
                   "--set", "run.stop_after_steps=2", "--set", "run.checkpoint_every=2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "2 steps" in first.stdout
+    return common
+
+
+def test_distill_resume_continues_the_run_with_its_own_config(tmp_path):
+    common = _run_stopped_after_two_of_four_steps(tmp_path)
     resumed = _geod("distill", *common, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "4 steps" in resumed.stdout
@@ -119,21 +126,13 @@ def test_resuming_a_run_saved_before_a_setting_existed_keeps_how_it_ran(tmp_path
     # asking it to decode otherwise is refused as a configuration change.
     import json
 
-    from distill_helpers import make_target_dataset
-
-    shards = make_target_dataset(tmp_path / "targets")
-    common = ["--shards", str(shards), "--out", "run"]
-    first = _geod("distill", *common, "--steps", "4", "--workers", "0", "--device", "cpu",
-                  "--set", "run.stop_after_steps=2", "--set", "run.checkpoint_every=2", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    for path, keys in ((tmp_path / "run" / "config.json", ()),
-                       (tmp_path / "run" / "checkpoints" / "step-000002" / "state.json", ("config",))):
-        saved = json.loads(path.read_text())
-        node = saved
-        for key in keys:
-            node = node[key]
-        del node["data"]["reduced_decode"]  # as an older geod wrote it
-        path.write_text(json.dumps(saved))
+    common = _run_stopped_after_two_of_four_steps(tmp_path)
+    run_config = tmp_path / "run" / "config.json"
+    state = tmp_path / "run" / "checkpoints" / "step-000002" / "state.json"
+    saved, checkpoint = json.loads(run_config.read_text()), json.loads(state.read_text())
+    del saved["data"]["reduced_decode"], checkpoint["config"]["data"]["reduced_decode"]  # as an older geod wrote
+    run_config.write_text(json.dumps(saved))
+    state.write_text(json.dumps(checkpoint))
     changed = _geod("distill", *common, "--resume", "--set", "data.reduced_decode=true", cwd=tmp_path)
     assert changed.returncode != 0 and "data.reduced_decode" in changed.stderr
     resumed = _geod("distill", *common, "--resume", cwd=tmp_path)

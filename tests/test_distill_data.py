@@ -206,9 +206,9 @@ def test_skipped_batches_load_no_images(dataset, monkeypatch):
     stream = PairStream(_config(dataset, batch_size=2), PREP)
     total = stream.batches_per_epoch(0)
     calls = []
-    original = type(stream.source)._open
-    monkeypatch.setattr(type(stream.source), "_open", lambda self, ref, sha, **kw: calls.append(ref) or
-                        original(self, ref, sha, **kw))
+    original = type(stream.source)._verified_bytes
+    monkeypatch.setattr(type(stream.source), "_verified_bytes", lambda self, ref, sha: calls.append(ref) or
+                        original(self, ref, sha))
     stream.set_position(0, total - 1)
     assert len(list(make_loader(stream))) == 1
     assert len(calls) == 2 * 2  # one batch of two pairs, two images each
