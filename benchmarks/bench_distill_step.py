@@ -393,7 +393,9 @@ def bench_student(label: str, args, device) -> dict:
     result["losses"] = flush()
     result["breakdown_ms"] = _breakdown(model, batch, optimizer, params, cfg, stream.cv_grid, device, use_bf16)
     if label in args.profile.split(","):
+        plain_adapters[0] = bool(adapters)  # the student the step trains
         _profile(label, plain, lambda: (geod_step(batch), flush()), device)
+        plain_adapters[0] = False
 
     # (c) the step as `geod distill` runs it: batches from the DataLoader (new loader, batch 0 of epoch 0);
     # FED variants: packed (two buffers per batch) or separate tensors, outcome deferred or read every step.
@@ -494,11 +496,14 @@ def _data_alone(cfg, preprocessing, args, device) -> dict:
     return out
 
 
-def _profile(label: str, plain, step, device) -> None:
-    """torch.profiler over two plain passes and two geod steps: kernel counts and the top CUDA ops."""
+def _profile(label: str, plain, step, device, *, rows: int = 30) -> None:
+    """torch.profiler over two plain passes (with the adapters where the student has them) and two geod
+    steps: device events per step, each pass's top kernels, then the kernels the geod step spends more time
+    in than the plain pass (by full kernel name, ms per step), which is where its extra time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    per_kernel = {}
     for what, fn in (("plain", plain), ("geod", step)):
         fn()
         _sync(device)
@@ -507,11 +512,22 @@ def _profile(label: str, plain, step, device) -> None:
                 fn()
             _sync(device)
         events = prof.key_averages()
-        kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
-                      and "CUDA" in str(e.device_type))
+        device_events = [e for e in events if getattr(e, "device_type", None) is not None
+                         and "CUDA" in str(e.device_type)]
+        kernels = sum(e.count for e in device_events)
         print(f"[{label}] profile {what}: {kernels / 2:.0f} device events per step", flush=True)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(events.table(sort_by=sort, row_limit=22, max_name_column_width=60), flush=True)
+        print(events.table(sort_by=sort, row_limit=12, max_name_column_width=60), flush=True)
+        per_kernel[what] = {e.key: (e.self_device_time_total / 2e3, e.count / 2) for e in device_events}
+    plain_k, geod_k = per_kernel["plain"], per_kernel["geod"]
+    names = set(plain_k) | set(geod_k)
+    gaps = sorted(((geod_k.get(n, (0, 0))[0] - plain_k.get(n, (0, 0))[0], n) for n in names), reverse=True)
+    total = sum(v[0] for v in geod_k.values()) - sum(v[0] for v in plain_k.values())
+    print(f"[{label}] profile geod - plain: {total:+.3f} ms of device time per step; largest differences:")
+    for gap, name in gaps[:rows]:
+        print(f"  {gap:+.3f} ms  x{geod_k.get(name, (0, 0))[1]:.0f}/{plain_k.get(name, (0, 0))[1]:.0f}  {name[:150]}")
+    for gap, name in gaps[-8:]:
+        print(f"  {gap:+.3f} ms  x{geod_k.get(name, (0, 0))[1]:.0f}/{plain_k.get(name, (0, 0))[1]:.0f}  {name[:150]}")
 
 
 def _breakdown(model, batch, optimizer, params, cfg, cv_grid, device, use_bf16, repeats: int = 3) -> dict:

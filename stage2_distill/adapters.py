@@ -79,7 +79,10 @@ class DepthHead(nn.Module):
 
     def from_projected(self, projected_difference: torch.Tensor) -> torch.Tensor:
         hidden = nn.functional.gelu(self.norm(projected_difference + self.proj.bias))
-        return torch.tanh(self.out(hidden)).squeeze(-1)
+        # The single output unit as a weighted sum over the hidden features (Linear(hidden, 1)'s value): the
+        # compiler fuses it into the norm's kernel, where a Linear would write the N^2 x hidden activations
+        # out for a matrix-vector product and read them back, forward and backward.
+        return torch.tanh((hidden * self.out.weight[0]).sum(-1) + self.out.bias[0])
 
     def forward(self, difference: torch.Tensor) -> torch.Tensor:
         return self.from_projected(self.project(difference))

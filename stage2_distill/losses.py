@@ -113,13 +113,65 @@ def two_way_cost_volume_kl(cells_a: torch.Tensor, cells_b: torch.Tensor, ab: tup
 
     ab and ba are (index, prob, valid) as in `cost_volume_kl`. The B->A student rows are the columns of the
     A->B cosine matrix, so one product serves both directions (three matrix products with the backward
-    instead of six), and each row's log-softmax is its logits minus the row's logsumexp: only the K picked
-    logits and one logsumexp per row and per column are kept, never a [B, P, P] log-softmax per direction.
+    instead of six). Each row's log-softmax is its logits minus the row's logsumexp, so only the K picked
+    logits and one logsumexp per row and per column are needed, and the gradient of the logits is written
+    in one pass (`_TwoWaySparseKL`) rather than assembled by autograd from a dense scatter and several
+    [B, P, P] intermediates.
     """
     logits = (_wide(cells_a) @ _wide(cells_b).transpose(1, 2)) / temperature  # [B, P_a, P_b]
-    kl_ab = _sparse_teacher_kl(logits, torch.logsumexp(logits, dim=-1), *ab)
-    kl_ba = _sparse_teacher_kl(logits.transpose(1, 2), torch.logsumexp(logits, dim=-2), *ba)
-    return kl_ab, kl_ba
+    width = logits.shape[-1]
+    rows_ab = torch.arange(logits.shape[1], device=logits.device)[None, :, None]
+    cols_ba = torch.arange(width, device=logits.device)[None, :, None]
+    # Positions in the flattened [B, P_a * P_b] logits: A->B row p picks (p, index); B->A row q picks (index, q).
+    flat_ab = (rows_ab * width + ab[0].long()).flatten(1)
+    flat_ba = (ba[0].long() * width + cols_ba).flatten(1)
+    weight_ab, coef_ab, entropy_ab = _teacher_terms(ab[1], ab[2], logits.dtype)
+    weight_ba, coef_ba, entropy_ba = _teacher_terms(ba[1], ba[2], logits.dtype)
+    kl_ab, kl_ba = _TwoWaySparseKL.apply(logits, flat_ab, coef_ab, weight_ab, flat_ba, coef_ba, weight_ba)
+    return kl_ab + entropy_ab, kl_ba + entropy_ba
+
+
+def _teacher_terms(prob: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """The teacher's side of `cost_volume_kl`'s average as constants: (row weight [B, P], picked-logit
+    coefficients [B, P * K], the entropy part sum_rows w * sum_k t log t). A row's weight is its share of the
+    average (1 / rows of its pair / pairs with rows, 0 for skipped rows), so the loss is
+    sum_rows w * logsumexp - sum_{rows, k} w * t_k * picked_k + entropy."""
+    prob = prob.detach().to(dtype)
+    mass = prob.sum(-1, keepdim=True)
+    teacher = prob / mass.clamp(min=1e-12)
+    rows = (valid & (mass.squeeze(-1) > 0)).to(dtype)
+    count = rows.sum(-1, keepdim=True)
+    has = (count > 0).to(dtype)
+    weight = rows / count.clamp(min=1) * has / has.sum().clamp(min=1)  # [B, P]
+    entropy = (weight * torch.xlogy(teacher, teacher).sum(-1)).sum()
+    # Rows kept by the teacher have sum_k t_k = 1, so w is also the logsumexp's coefficient.
+    return weight, (weight[..., None] * teacher).flatten(1), entropy
+
+
+class _TwoWaySparseKL(torch.autograd.Function):
+    """(sum_p w_p lse_row_p - sum c * picked, sum_q w_q lse_col_q - sum c * picked) of a logits matrix
+    [B, P_a, P_b], with picked the logits at flat positions; the backward writes
+    g_ab * softmax_row * w_ab + g_ba * softmax_col * w_ba minus the picked coefficients in one pass."""
+
+    @staticmethod
+    def forward(ctx, logits, flat_ab, coef_ab, weight_ab, flat_ba, coef_ba, weight_ba):
+        lse_row, lse_col = torch.logsumexp(logits, dim=-1), torch.logsumexp(logits, dim=-2)
+        flat = logits.flatten(1)
+        kl_ab = (weight_ab * lse_row).sum() - (coef_ab * flat.gather(1, flat_ab)).sum()
+        kl_ba = (weight_ba * lse_col).sum() - (coef_ba * flat.gather(1, flat_ba)).sum()
+        ctx.save_for_backward(logits, lse_row, lse_col, flat_ab, coef_ab, weight_ab, flat_ba, coef_ba, weight_ba)
+        return kl_ab, kl_ba
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_ab, grad_ba):
+        logits, lse_row, lse_col, flat_ab, coef_ab, weight_ab, flat_ba, coef_ba, weight_ba = ctx.saved_tensors
+        grad = (torch.exp(logits - lse_row[..., None]) * (grad_ab * weight_ab)[..., None]
+                + torch.exp(logits - lse_col[:, None, :]) * (grad_ba * weight_ba)[:, None, :])
+        picked = torch.cat([flat_ab, flat_ba], dim=1)
+        coefs = torch.cat([grad_ab * coef_ab, grad_ba * coef_ba], dim=1)
+        grad = grad.flatten(1).scatter_add(1, picked, -coefs).view_as(logits)
+        return grad, None, None, None, None, None, None
 
 
 def _sparse_teacher_kl(logits: torch.Tensor, logsumexp: torch.Tensor, index: torch.Tensor, prob: torch.Tensor,

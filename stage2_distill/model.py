@@ -42,18 +42,38 @@ def sample_grid(grid: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """
     batch, dim, height, width = grid.shape
     rows = grid.permute(0, 2, 3, 1).reshape(batch * height * width, dim)
-    xy = xy.to(grid.dtype)
+    index, weight = _bilinear_corners(xy.to(grid.dtype), height, width)
+    index = index + (torch.arange(batch, device=grid.device) * (height * width))[:, None, None]
+    corners = rows[index.reshape(-1)].view(batch, xy.shape[1], 4, dim)
+    return (corners * weight[..., None]).sum(2)
+
+
+def _bilinear_corners(xy: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major cell indices [..., 4] of the four neighbours of normalised points [..., 2] on a
+    height x width grid, and their bilinear weights [..., 4] (see `sample_grid` for the conventions)."""
     x = (xy[..., 0] * width - 0.5).clamp(0, width - 1)  # in cells, clamped to the outer centres
     y = (xy[..., 1] * height - 0.5).clamp(0, height - 1)
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
     x0, y0 = x0.long(), y0.long()
     x1, y1 = (x0 + 1).clamp(max=width - 1), (y0 + 1).clamp(max=height - 1)
-    first = (torch.arange(batch, device=grid.device) * (height * width))[:, None, None]
-    index = torch.stack([y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1], dim=-1) + first
+    index = torch.stack([y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1], dim=-1)
     weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], dim=-1)
-    corners = rows[index.reshape(-1)].view(batch, xy.shape[1], 4, dim)
-    return (corners * weight[..., None]).sum(2)
+    return index, weight
+
+
+def resample_to_cells(grid: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
+    """`sample_grid` at the centres of every cell of a cells = (h, w) grid, [B, D, h', w'] -> [B, h * w, D].
+
+    The points are the same for every image, so the bilinear weights form one fixed [h * w, h' * w']
+    matrix and the resampling is a matrix product (its backward another one). A gather at hundreds of points
+    per image reads each grid row many times over and its backward scatters with atomic adds; the product
+    reads the grid once.
+    """
+    batch, dim, height, width = grid.shape
+    index, weight = _bilinear_corners(cell_centres(*cells, device=grid.device).to(grid.dtype), height, width)
+    weights = grid.new_zeros(index.shape[0], height * width).scatter_add_(1, index, weight)
+    return torch.matmul(weights, grid.permute(0, 2, 3, 1).reshape(batch, height * width, dim))
 
 
 def cell_centres(grid_h: int, grid_w: int, device: torch.device | None = None) -> torch.Tensor:
@@ -258,8 +278,7 @@ class DistillModel(nn.Module):
                                                     torch.cat([mask[:, keep], mask[:, keep]]),
                                                     min_gap=loss_cfg.rank_min_gap)
         if "cost" in feats:
-            centres = cell_centres(*cv_grid, device=mask.device).expand(pairs, -1, -1)
-            cells = nn.functional.normalize(sample_grid(feats["cost"], torch.cat([centres, centres])), dim=-1)
+            cells = nn.functional.normalize(resample_to_cells(feats["cost"], cv_grid), dim=-1)
             kl_ab, kl_ba = losses.two_way_cost_volume_kl(
                 cells[:pairs], cells[pairs:], (batch["cv_ab_index"], batch["cv_ab_prob"], batch["cv_ab_valid"]),
                 (batch["cv_ba_index"], batch["cv_ba_prob"], batch["cv_ba_valid"]), temperature=loss_cfg.cv_temperature)

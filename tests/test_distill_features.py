@@ -6,7 +6,7 @@ import pytest
 import torch
 from geod.stage2_distill import losses
 from geod.stage2_distill.config import LossConfig, StudentConfig
-from geod.stage2_distill.model import DistillModel, sample_grid
+from geod.stage2_distill.model import DistillModel, cell_centres, resample_to_cells, sample_grid
 from geod.stage2_distill.students import create_student
 
 
@@ -135,5 +135,26 @@ def test_point_samples_equal_grid_sample_in_value_and_gradient(grid_hw):
         results.append((out.detach(), grid.grad))
     (got, got_grad), (want, want_grad) = results
     assert got.shape == (2, 40, 5)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("grid_hw", "cells"), [((14, 14), (24, 32)), ((3, 5), (2, 7)), ((1, 4), (3, 3)),
+                                                 ((6, 9), (6, 9))])
+def test_cell_resampling_equals_point_samples_at_cell_centres(grid_hw, cells):
+    # The cost volume's cells are read through one fixed weight matrix; its values and gradients must be
+    # sample_grid's at every cell centre (finer, coarser and equal cell grids, one-row student grids).
+    torch.manual_seed(6)
+    values = torch.randn(3, *grid_hw, 5, dtype=torch.float64)
+    weights = torch.randn(3, cells[0] * cells[1], 5, dtype=torch.float64)
+    centres = cell_centres(*cells).double()[None].expand(3, -1, -1)
+    results = []
+    for sample in (lambda g: resample_to_cells(g, cells), lambda g: sample_grid(g, centres)):
+        grid = values.clone().requires_grad_()
+        out = sample(grid.permute(0, 3, 1, 2))
+        (out * weights).sum().backward()
+        results.append((out.detach(), grid.grad))
+    (got, got_grad), (want, want_grad) = results
+    assert got.shape == (3, cells[0] * cells[1], 5)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
     assert torch.allclose(got_grad, want_grad, rtol=1e-12, atol=1e-12)

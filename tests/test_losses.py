@@ -119,6 +119,29 @@ def test_ranking_matches_hand_computation():
     assert value.item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
 
 
+def test_depth_head_equals_its_layers_in_sequence_in_value_and_gradient():
+    # The output unit is computed as a weighted sum (fused by the compiler); it must be the method's
+    # Linear(D, H) - LayerNorm - GELU - Linear(H, 1) - tanh, parameters' gradients included.
+    torch.manual_seed(3)
+    head = DepthHead(12, hidden=16).double()
+    for parameter in head.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    weights = torch.randn(3, 5, dtype=torch.float64)
+    layers = [head.proj, head.norm, torch.nn.GELU(), head.out, torch.nn.Tanh()]
+    results = []
+    for run in (head, lambda v: torch.nn.Sequential(*layers)(v).squeeze(-1)):
+        head.zero_grad()
+        out = run(x)
+        (out * weights).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in head.parameters()]))
+    (got, got_grads), (want, want_grads) = results
+    assert got.shape == (3, 5)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
 def test_projected_ranking_equals_unprojected():
     torch.manual_seed(1)
     head = DepthHead(48, hidden=128).double()
