@@ -142,7 +142,7 @@ def test_depth_head_equals_its_layers_in_sequence_in_value_and_gradient():
         assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
-def test_projected_ranking_equals_unprojected():
+def test_projected_ranking_equals_unprojected_in_value_and_gradient():
     torch.manual_seed(1)
     head = DepthHead(48, hidden=128).double()
     for parameter in head.parameters():  # non-trivial LayerNorm affine too
@@ -150,16 +150,24 @@ def test_projected_ranking_equals_unprojected():
     features = torch.randn(3, 9, 48, dtype=torch.float64)
     depth = torch.rand(3, 9, dtype=torch.float64) * 2
     mask = torch.rand(3, 9) > 0.2
+    mask[1] = False  # an image without pairs
+    features.requires_grad_()
+    inputs = [features, *head.parameters()]
     projected = losses.ranking_loss(head, features, depth, mask, min_gap=0.05)
+    grads = torch.autograd.grad(projected * 1.7, inputs)
 
-    # Direct form: the head applied to every N x N x D feature difference.
+    # Direct form, through autograd: the head applied to every N x N x D feature difference.
     diff = features[:, None, :, :] - features[:, :, None, :]  # [b, i, j] = f_j - f_i
     score = head(diff)
     gap = depth[:, None, :] - depth[:, :, None]
     keep = (gap.abs() > 0.05) & mask[:, :, None] & mask[:, None, :]
-    per_pair = [torch.nn.functional.softplus(-torch.sign(gap[b]) * score[b])[keep[b]].mean() for b in range(3)]
+    per_pair = [torch.nn.functional.softplus(-torch.sign(gap[b]) * score[b])[keep[b]].mean() for b in (0, 2)]
     direct = torch.stack(per_pair).mean()
+    want = torch.autograd.grad(direct * 1.7, inputs)
     assert projected.item() == pytest.approx(direct.item(), rel=1e-10, abs=1e-12)
+    for name, got, expected in zip(["features", *(n for n, _ in head.named_parameters())], grads, want):
+        assert expected.abs().max() > 0, name
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12), name
 
 
 def test_cost_volume_kl_matches_hand_computation():
