@@ -178,14 +178,9 @@ def _sparse_teacher_kl(logits: torch.Tensor, logsumexp: torch.Tensor, index: tor
                        valid: torch.Tensor) -> torch.Tensor:
     """KL(teacher || softmax(logits)) per valid row, averaged as in `cost_volume_kl`; logsumexp [B, P] of the
     rows of logits [B, P, Q]."""
-    prob = _wide(prob)
-    mass = prob.sum(-1, keepdim=True)
-    teacher = prob / mass.clamp(min=1e-12)
-    rows = valid & (mass.squeeze(-1) > 0)
-    picked = logits.gather(-1, index.long())  # [B, P, K]
-    # sum_k t_k log(t_k / softmax_k) = sum_k t_k log t_k - sum_k t_k picked_k + logsumexp * sum_k t_k
-    kl = (torch.xlogy(teacher, teacher) - teacher * picked).sum(-1) + logsumexp * teacher.sum(-1)
-    return _masked_pair_mean(kl, rows.to(kl.dtype))
+    weight, coef, entropy = _teacher_terms(prob, valid, logits.dtype)
+    picked = logits.gather(-1, index.long()).flatten(1)  # [B, P * K]
+    return (weight * logsumexp).sum() - (coef * picked).sum() + entropy
 
 
 def feature_preservation_loss(student: torch.Tensor, base: torch.Tensor, *,
