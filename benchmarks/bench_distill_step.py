@@ -524,9 +524,8 @@ def _profile(label: str, plain, step, device, *, rows: int = 30) -> None:
     gaps = sorted(((geod_k.get(n, (0, 0))[0] - plain_k.get(n, (0, 0))[0], n) for n in names), reverse=True)
     total = sum(v[0] for v in geod_k.values()) - sum(v[0] for v in plain_k.values())
     print(f"[{label}] profile geod - plain: {total:+.3f} ms of device time per step; largest differences:")
-    for gap, name in gaps[:rows]:
-        print(f"  {gap:+.3f} ms  x{geod_k.get(name, (0, 0))[1]:.0f}/{plain_k.get(name, (0, 0))[1]:.0f}  {name[:150]}")
-    for gap, name in gaps[-8:]:
+    shown = gaps if len(gaps) <= rows + 8 else gaps[:rows] + gaps[-8:]  # the largest, then the most negative
+    for gap, name in shown:
         print(f"  {gap:+.3f} ms  x{geod_k.get(name, (0, 0))[1]:.0f}/{plain_k.get(name, (0, 0))[1]:.0f}  {name[:150]}")
 
 

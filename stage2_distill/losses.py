@@ -104,7 +104,9 @@ def cost_volume_kl(cells_a: torch.Tensor, cells_b: torch.Tensor, index: torch.Te
     student row is softmax(cos(a_p, b_q) / temperature) over all P cells of B.
     """
     logits = (_wide(cells_a) @ _wide(cells_b).transpose(1, 2)) / temperature  # [B, P, P]
-    return _sparse_teacher_kl(logits, torch.logsumexp(logits, dim=-1), index, prob, valid)
+    weight, coef, entropy = _teacher_terms(prob, valid, logits.dtype)
+    picked = logits.gather(-1, index.long()).flatten(1)  # [B, P * K]
+    return (weight * torch.logsumexp(logits, dim=-1)).sum() - (coef * picked).sum() + entropy
 
 
 def two_way_cost_volume_kl(cells_a: torch.Tensor, cells_b: torch.Tensor, ab: tuple, ba: tuple, *,
@@ -172,15 +174,6 @@ class _TwoWaySparseKL(torch.autograd.Function):
         coefs = torch.cat([grad_ab * coef_ab, grad_ba * coef_ba], dim=1)
         grad = grad.flatten(1).scatter_add(1, picked, -coefs).view_as(logits)
         return grad, None, None, None, None, None, None
-
-
-def _sparse_teacher_kl(logits: torch.Tensor, logsumexp: torch.Tensor, index: torch.Tensor, prob: torch.Tensor,
-                       valid: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || softmax(logits)) per valid row, averaged as in `cost_volume_kl`; logsumexp [B, P] of the
-    rows of logits [B, P, Q]."""
-    weight, coef, entropy = _teacher_terms(prob, valid, logits.dtype)
-    picked = logits.gather(-1, index.long()).flatten(1)  # [B, P * K]
-    return (weight * logsumexp).sum() - (coef * picked).sum() + entropy
 
 
 def feature_preservation_loss(student: torch.Tensor, base: torch.Tensor, *,

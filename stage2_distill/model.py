@@ -184,7 +184,10 @@ class DistillModel(nn.Module):
                 blocks = [norm(i) for i in layers]
                 # Compiled, a plain sum lets the compiler compute the mean in the norms' own kernel, without
                 # writing each normed block out; eager, LayerMean keeps the backward to one gradient tensor.
-                mean = sum(blocks[1:], blocks[0]) / len(blocks) if torch.compiler.is_compiling() else LayerMean.apply(*blocks)
+                if torch.compiler.is_compiling():
+                    mean = sum(blocks[1:], blocks[0]) / len(blocks)
+                else:
+                    mean = LayerMean.apply(*blocks)
                 means[layers] = mean.permute(0, 3, 1, 2)
             return means[layers]
 
