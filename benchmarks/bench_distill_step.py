@@ -273,7 +273,7 @@ def _epochs(stream, device):
 def bench_student(label: str, args, device) -> dict:
     import torch
     from geod.stage2_distill import step, train
-    from geod.stage2_distill.data import PairStream, make_loader
+    from geod.stage2_distill.data import PairStream, defers_resize, make_loader
     from geod.stage2_distill.graphed_step import GraphedStep, graph_step_possible
     from torch import nn
 
@@ -286,9 +286,10 @@ def bench_student(label: str, args, device) -> dict:
     optimizer = step.make_optimizer(params, cfg.optim, device)
     use_bf16 = device.type == "cuda"
     # As `geod distill` sets it up on CUDA: compiled sections fed batches padded to data.max_matches, and
-    # uint8 pixels from the workers normalised on the GPU.
+    # uint8 pixels from the workers normalised (and, with run.device_resize, resized) on the GPU.
     compiled = device.type == "cuda" and args.compile == "on"
     raw = device.type == "cuda"
+    defer = defers_resize(cfg.run.device_resize, student.preprocessing, device)
     if compiled:
         model.compile_sections()
     height, width = student.image_size
@@ -299,7 +300,7 @@ def bench_student(label: str, args, device) -> dict:
               "tower_params": sum(p.numel() for p in student.base_model().parameters()),
               "compiled_losses": compiled, "fused_adamw": bool(optimizer.defaults.get("fused")),
               "uint8_pixels": raw, "loader_workers": cfg.data.workers,
-              "reduced_decode": cfg.data.reduced_decode}
+              "reduced_decode": cfg.data.reduced_decode, "device_resize": defer}
     print(f"[{label}] built in {time.perf_counter() - started:.1f}s: {result}", flush=True)
 
     # (a) plain: LoRA only (the bottleneck adapters are bypassed), trivial loss on the fed layer; also with the
@@ -337,10 +338,11 @@ def bench_student(label: str, args, device) -> dict:
             result["plain_adapters_graph_ms"] = 1e3 * _time_loop(replay, args.warmup, args.steps, device)
 
     # One real batch from geod's loader, kept on the GPU for (b).
-    stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=True, pack=raw)
+    stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=True, pack=raw,
+                        defer_resize=defer)
     stream.set_position(0, 0)
     first = iter(make_loader(stream, pin_memory=device.type == "cuda"))
-    batch = step.BatchMover(device, student.preprocessing)(next(first))
+    batch = step.BatchMover(device, student.preprocessing, compile_resize=defer and compiled)(next(first))
     del first  # shuts its workers down before anything is timed
     step_no = [0]
     pending: list = []  # the queued step whose outcome is read after the next one is queued
@@ -403,11 +405,18 @@ def bench_student(label: str, args, device) -> dict:
     # A variant named again (to interleave repeats) is recorded as NAME#2, NAME#3, ...
     fed_variants = [v if fed_variants[:i].count(v) == 0 else f"{v}#{fed_variants[:i].count(v) + 1}"
                     for i, v in enumerate(fed_variants)]
+    # A new loader's workers fill a buffer of two batches each before and while the first steps run; timing
+    # only a few steps after it reads that buffer and hides a loader slower than the step. So the warm-up
+    # takes at least three batches per worker and the timed steps at least four.
+    fed_warmup, fed_steps = max(args.warmup, 3 * cfg.data.workers), max(args.steps, 4 * cfg.data.workers)
+    if fed_variants:
+        result["fed_warmup_steps"], result["fed_timed_steps"] = fed_warmup, fed_steps
     for variant in fed_variants:
         transport, readout, *copies = variant.partition("#")[0].split("-")
         fed_stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=compiled or graphs,
-                                pack=raw and transport == "packed")
-        mover = step.BatchMover(device, student.preprocessing, side_stream=copies != ["inline"])
+                                pack=raw and transport == "packed", defer_resize=defer)
+        mover = step.BatchMover(device, student.preprocessing, side_stream=copies != ["inline"],
+                                compile_resize=defer and compiled)
         batches = _epochs(fed_stream, device)
         waits = []
 
@@ -417,9 +426,9 @@ def bench_student(label: str, args, device) -> dict:
             waits.append(time.perf_counter() - t0)
             geod_step(b, deferred=deferred)
 
-        result[f"geod_step_ms_{variant}"] = 1e3 * _time_loop(fed_step, args.warmup, args.steps, device)
+        result[f"geod_step_ms_{variant}"] = 1e3 * _time_loop(fed_step, fed_warmup, fed_steps, device)
         flush()
-        result[f"data_wait_ms_{variant}"] = 1e3 * float(np.mean(waits[args.warmup:]))
+        result[f"data_wait_ms_{variant}"] = 1e3 * float(np.mean(waits[fed_warmup:]))
         batches.close()  # shuts the DataLoader workers down
     # Without a fed variant (--fed none) the step figures are the compute step's.
     main_variant = fed_variants[0] if fed_variants else None
@@ -449,25 +458,30 @@ def bench_student(label: str, args, device) -> dict:
 
 
 def _data_alone(cfg, preprocessing, args, device) -> dict:
-    from geod.stage2_distill.data import PairStream, make_loader
+    from geod.stage2_distill.data import PairStream, defers_resize, make_loader
     from PIL import Image
 
     out = {}
-    raw = device.type == "cuda"  # what the workers send on CUDA: resized uint8 pixels
-    stream = PairStream(cfg.data, preprocessing, raw_pixels=raw)
+    raw = device.type == "cuda"  # what the workers send on CUDA: uint8 pixels
+    defer = defers_resize(cfg.run.device_resize, preprocessing, device)
+    stream = PairStream(cfg.data, preprocessing, raw_pixels=raw, defer_resize=defer)
     index, source = stream.index, stream.source
-    # Per image: a full decode and resize, and the worker's path (`PairSource.pixels`: read, verify, decode
-    # at a reduced scale where data.reduced_decode allows, resize; uint8 on CUDA, normalised on the CPU).
-    parts = {"full_decode_resize": [], "worker_pixels": []}
+    # Per image: a full decode and resize; the worker's path with the resize (`PairSource.pixels`: read,
+    # verify, decode at a reduced scale where data.reduced_decode allows, resize; uint8 on CUDA, normalised on
+    # the CPU); and without it (what a deferred resize leaves to the workers).
+    parts = {"full_decode_resize": [], "worker_pixels": [], "worker_decode_only": []}
     height, width = preprocessing.image_size
     for position in np.flatnonzero(index.eligible)[:8].tolist():
+        ref, sha = index.image_a[position], index.sha_a[position]
         t0 = time.perf_counter()
-        image = source.image(index.image_a[position], index.sha_a[position])
+        image = source.image(ref, sha)
         np.asarray(Image.fromarray(image).resize((width, height), resample=Image.Resampling(preprocessing.resample)))
         t1 = time.perf_counter()
-        source.pixels(index.image_a[position], index.sha_a[position], raw=raw)
+        source.pixels(ref, sha, raw=raw)
         t2 = time.perf_counter()
-        for key, value in zip(parts, (t1 - t0, t2 - t1)):
+        np.ascontiguousarray(np.asarray(source.decoded(ref, sha)).transpose(2, 0, 1))
+        t3 = time.perf_counter()
+        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
             parts[key].append(1e3 * value)
     out["data_ms_per_image"] = {k: float(np.median(v)) for k, v in parts.items()}
     it = iter(stream)  # in this process: stream 0's batches (at least two)
@@ -481,7 +495,8 @@ def _data_alone(cfg, preprocessing, args, device) -> dict:
     out["data_ms_per_batch_one_process"] = 1e3 * (time.perf_counter() - start) / max(timed, 1)
     del it
     for workers in sorted({args.workers, args.workers_max}):
-        alone = PairStream(dataclasses.replace(cfg.data, workers=workers), preprocessing, raw_pixels=raw)
+        alone = PairStream(dataclasses.replace(cfg.data, workers=workers), preprocessing, raw_pixels=raw,
+                           defer_resize=defer)
         alone.set_position(0, 0)
         count = alone.batches_per_epoch(0)
         loader = iter(make_loader(alone, pin_memory=device.type == "cuda"))
@@ -577,7 +592,7 @@ def _breakdown(model, batch, optimizer, params, cfg, cv_grid, device, use_bf16, 
 def _table(results: list[dict]) -> str:
     lines = ["| student | pairs/step | steps | plain ms (graph) | geod compute ms (+% vs plain, vs graph) "
              "| geod step ms (+%, vs graph) | pairs/s step | data wait ms | data alone pairs/s (w) "
-             "| ms/image full decode + resize, worker path | peak GiB plain / geod |",
+             "| ms/image full decode + resize, worker path, decode only | peak GiB plain / geod |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:

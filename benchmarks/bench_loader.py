@@ -6,9 +6,10 @@
     the decode first (`data.reduced_decode`). Also how far apart the two results are, in uint8 levels.
 (b) the DataLoader's rate in pairs/s, nothing on a GPU: `PairStream` over a synthetic target dataset with
     real JPEGs on disk (bench_distill_step's), packed uint8 batches of 16 pairs, with `--workers` workers
-    (default: what `geod distill` chooses), full and reduced decoding.
+    (default: what `geod distill` chooses): full decoding, reduced decoding, and reduced decoding with the
+    resize left to the consumer (`run.device_resize`; the consumer's GPU resize is not part of this rate).
 
-    python benchmarks/bench_loader.py [--sizes 224,336,384,448] [--workers N] [--pairs 512]
+    python benchmarks/bench_loader.py [--sizes 224,336,384,448] [--workers N] [--pairs 512] [--image 480x640]
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ def _loader_rate(dataset: Path, sizes: list[int], workers: int, batches: int) ->
 
     rows = []
     for size in sizes:
-        for reduced in (False, True):
+        for reduced, deferred in ((False, False), (True, False), (True, True)):
             prep = Preprocessing(image_size=(size, size), mean=(0.5,) * 3, std=(0.5,) * 3)
             cfg = DataConfig(shards=str(dataset), batch_size=16, workers=workers, reduced_decode=reduced)
-            stream = PairStream(cfg, prep, raw_pixels=True, pad_matches=True, pack=True)
+            stream = PairStream(cfg, prep, raw_pixels=True, pad_matches=True, pack=True, defer_resize=deferred)
             count = min(stream.batches_per_epoch(0), batches + workers)
             loader = iter(make_loader(stream))
             for _ in range(workers):  # the first round is made while the workers start
@@ -76,7 +77,8 @@ def _loader_rate(dataset: Path, sizes: list[int], workers: int, batches: int) ->
                 next(loader)
             rate = 16 * (count - workers) / (time.perf_counter() - start)
             del loader
-            row = {"size": size, "reduced_decode": reduced, "workers": workers, "pairs_per_s": rate}
+            row = {"size": size, "reduced_decode": reduced, "device_resize": deferred, "workers": workers,
+                   "pairs_per_s": rate}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="(b): loader workers (default: geod distill's)")
     parser.add_argument("--pairs", type=int, default=512, help="(b): pairs in the synthetic dataset")
     parser.add_argument("--loader-sizes", default="224,384", help="(b): student sizes to time the loader at")
+    parser.add_argument("--image", default="480x640", help="(b): HxW of the dataset's JPEGs")
     parser.add_argument("--data-dir", default=None, help="(b): where to build (or reuse) the dataset")
     parser.add_argument("--out", default=None, help="results JSON")
     args = parser.parse_args()
@@ -101,7 +104,8 @@ def main() -> None:
     sizes = [int(v) for v in args.sizes.split(",")]
     results = {"per_image": _per_image([(480, 640), (968, 1296)], sizes, args.repeats)}
     root = Path(args.data_dir or Path(tempfile.gettempdir()) / "geod-bench-distill")
-    dataset = build_dataset(root, args.pairs, 480, 640)
+    height, width = (int(v) for v in args.image.split("x"))
+    dataset = build_dataset(root, args.pairs, height, width)
     results["loader"] = _loader_rate(dataset, [int(v) for v in args.loader_sizes.split(",")], workers,
                                      batches=max(4 * workers, 16))
     print("\n| JPEG | student px | full ms | reduced ms | speed-up | mean / max levels apart |")
@@ -109,11 +113,14 @@ def main() -> None:
     for r in results["per_image"]:
         print(f"| {r['source']} | {r['size']} | {r['full_ms']:.2f} | {r['reduced_ms']:.2f} | {r['speedup']:.2f}x | "
               f"{r['mean_levels']:.2f} / {r['max_levels']} |")
-    print(f"\n| student px | loader pairs/s, {workers} workers: full | reduced |\n|---|---|---|")
+    print(f"\n| student px | loader pairs/s, {width}x{height} JPEGs, {workers} workers: full | reduced "
+          "| reduced, resize deferred |")
+    print("|---|---|---|---|")
     for size in sorted({r["size"] for r in results["loader"]}):
-        full, reduced = (next(r["pairs_per_s"] for r in results["loader"]
-                              if r["size"] == size and r["reduced_decode"] is flag) for flag in (False, True))
-        print(f"| {size} | {full:.0f} | {reduced:.0f} |")
+        rates = [next(r["pairs_per_s"] for r in results["loader"] if r["size"] == size
+                      and (r["reduced_decode"], r["device_resize"]) == flags)
+                 for flags in ((False, False), (True, False), (True, True))]
+        print(f"| {size} | " + " | ".join(f"{rate:.0f}" for rate in rates) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

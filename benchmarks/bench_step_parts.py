@@ -7,9 +7,12 @@ The parts a ViT-B step spends its extra time on, each beside the way geod comput
   previous sampler) against `model.sample_grid` (four-row gather), eager and compiled; N = 128 keypoints and
   N = 768 cost-volume cells;
 - the cost-volume KL in both directions (16 pairs, P = 768, D = 768, K = 32): two `cost_volume_kl` calls
-  against `two_way_cost_volume_kl`, eager and compiled.
+  against `two_way_cost_volume_kl`, eager and compiled;
+- the GPU resize of a batch of 32 decoded images (`run.device_resize`), forward only: torch's antialiased
+  bicubic `interpolate` against `resize.Resizer` (PIL's bits), eager and compiled, and the lookup-table
+  normalisation that follows it, for scale.
 
-    python benchmarks/bench_step_parts.py [adapters] [sampling] [kl]
+    python benchmarks/bench_step_parts.py [adapters] [sampling] [kl] [resize]
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 from geod.stage2_distill import losses
 from geod.stage2_distill.adapters import Bottleneck
 from geod.stage2_distill.model import sample_grid
+from geod.stage2_distill.resize import Resizer
+from geod.stage2_distill.students import Preprocessing
 from torch import nn
 
 
@@ -123,6 +128,22 @@ def kl(device: torch.device) -> None:
     report("KL, two_way_cost_volume_kl, compiled", torch.compile(two_way))
 
 
+def resize(device: torch.device) -> None:
+    for size, source in ((224, (240, 320)), (384, (480, 640))):
+        decoded = torch.randint(0, 256, (32, 3, *source), dtype=torch.uint8, device=device)
+        resized = torch.randint(0, 256, (32, 3, size, size), dtype=torch.uint8, device=device)
+        prep = Preprocessing(image_size=(size, size), mean=(0.5,) * 3, std=(0.25,) * 3, resample=3)
+        table = prep.device_table(device)
+        eager, compiled = Resizer((size, size), 3), Resizer((size, size), 3, compile=True)
+        equal = torch.equal(compiled(decoded[:2]).cpu(), Resizer((size, size), 3)(decoded[:2].cpu()))
+        print(f"| {size} from {source[1]}x{source[0]}: compiled GPU resize equals the CPU's: {equal} | |")
+        report(f"{size} from {source[1]}x{source[0]}, interpolate bicubic antialiased (float)",
+               lambda: nn.functional.interpolate(decoded.float(), size=(size, size), mode="bicubic", antialias=True))
+        report(f"{size} from {source[1]}x{source[0]}, Resizer, eager", lambda: eager(decoded))
+        report(f"{size} from {source[1]}x{source[0]}, Resizer, compiled", lambda: compiled(decoded))
+        report(f"{size}: lookup-table normalisation", lambda: prep.normalise_tensor(resized, table))
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_step_parts needs a CUDA device")
@@ -131,9 +152,9 @@ def main() -> None:
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     print("| part, forward + backward | ms |\n|---|---|")
-    for part in sys.argv[1:] or ["adapters", "sampling", "kl"]:
+    for part in sys.argv[1:] or ["adapters", "sampling", "kl", "resize"]:
         started = time.perf_counter()
-        {"adapters": adapters, "sampling": sampling, "kl": kl}[part](device)
+        {"adapters": adapters, "sampling": sampling, "kl": kl, "resize": resize}[part](device)
         print(f"({part}: {time.perf_counter() - started:.0f} s)", flush=True)
 
 

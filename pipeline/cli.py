@@ -254,6 +254,11 @@ def distill(
     typer.echo(f"{summary.run_dir}: {summary.steps} steps ({summary.skipped_steps} skipped) in "
                f"{summary.seconds:.0f} s; last losses {summary.last_losses}")
     typer.echo(f"steps: {summary.step_mode}")
+    typer.echo(f"data: the steps waited for batches {100 * summary.data_wait_share:.0f}% of the time")
+    if summary.data_wait_share > 0.1:
+        typer.secho("the loader held the steps back: give each GPU more CPUs (data.workers); keep "
+                    "data.reduced_decode and, on CUDA, run.device_resize on; or store the images smaller",
+                    fg=typer.colors.YELLOW, err=True)
 
 
 @app.command("eval")

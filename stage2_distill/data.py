@@ -134,11 +134,15 @@ class PairSource:
 
     def pixels(self, ref: str, sha256: str | None, *, raw: bool = False) -> np.ndarray:
         """3xHxW float32 normalised pixels, or (raw) the resized 3xHxW uint8 ones for `normalise_tensor`."""
+        image = self.decoded(ref, sha256)  # resized as the PIL image it is, without an array round trip
+        return self.preprocessing.resize_only(image) if raw else self.preprocessing(image)
+
+    def decoded(self, ref: str, sha256: str | None):
+        """The RGB PIL image as decoded, before any resize (at a reduced scale where `reduced_decode` allows)."""
         from geod.data_manifests.views import open_rgb
 
         at_least = self.preprocessing.image_size if self.reduced_decode else None
-        image = open_rgb(self._verified_bytes(ref, sha256), ref, at_least=at_least)  # resized as a PIL image
-        return self.preprocessing.resize_only(image) if raw else self.preprocessing(image)
+        return open_rgb(self._verified_bytes(ref, sha256), ref, at_least=at_least)
 
     def _verified_bytes(self, ref: str, sha256: str | None) -> bytes:
         from geod.data_manifests.views import read_bytes
@@ -218,6 +222,12 @@ def collate_pairs(rows: list[dict[str, np.ndarray]], pixels_a: list[np.ndarray],
     return batch
 
 
+def defers_resize(device_resize: bool, preprocessing: Preprocessing, device: torch.device) -> bool:
+    """Whether a training stream for `device` leaves the resize to the consumer (`PairStream`'s defer_resize):
+    on CUDA, with run.device_resize, for any filter but NEAREST."""
+    return device.type == "cuda" and device_resize and preprocessing.resizes_on_device
+
+
 def default_workers(world_size: int = 1) -> int:
     """Loader workers for `data.workers=None`: this rank's share of the CPUs available to the process, less
     two (the training process and its pin-memory thread), between 1 and 16."""
@@ -234,12 +244,20 @@ class PairStream(IterableDataset):
     the losses are the same, padding is masked).
     pack: each batch is a `PackedBatch` (two buffers instead of sixteen tensors, see geod.stage2_distill.packing);
     its `unpack` gives the same batch on the consumer's device.
+    defer_resize (with raw_pixels; any PIL filter but NEAREST): when a batch's images all decode to one size,
+    they travel at that size and the consumer resizes them (`step.BatchMover`, on the GPU, with the same
+    result); a batch of mixed sizes is resized here as usual.
     """
 
     def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, *, rank: int = 0, world_size: int = 1,
-                 raw_pixels: bool = False, pad_matches: bool = False, pack: bool = False) -> None:
+                 raw_pixels: bool = False, pad_matches: bool = False, pack: bool = False,
+                 defer_resize: bool = False) -> None:
         super().__init__()
+        if defer_resize and not (raw_pixels and preprocessing.resizes_on_device):
+            raise ConfigError("PairStream: defer_resize needs raw_pixels and a resize filter other than NEAREST "
+                              f"(the student's is PIL filter {preprocessing.resample})")
         self.raw_pixels = raw_pixels
+        self.defer_resize = defer_resize
         self.pad_matches = pad_matches
         self.pack = pack
         if not 0 <= rank < world_size:
@@ -302,23 +320,36 @@ class PairStream(IterableDataset):
 
     def _batch(self, positions: np.ndarray, blocks: np.ndarray, cache: dict, stream: int,
                local: int) -> dict | PackedBatch:
-        rows, pixels_a, pixels_b = [], [], []
+        rows, refs_a, refs_b = [], [], []
         index = self.index
         for position, block in zip(positions.tolist(), blocks.tolist()):
             if block not in cache:
                 cache[block] = self.source.read_block(index.blocks[block])
             offset = int(index.row[position]) - index.blocks[block][1]
             rows.append({name: values[offset] for name, values in cache[block].items()})
-            pixels_a.append(self.source.pixels(index.image_a[position], index.sha_a[position], raw=self.raw_pixels))
-            pixels_b.append(self.source.pixels(index.image_b[position], index.sha_b[position], raw=self.raw_pixels))
+            refs_a.append((index.image_a[position], index.sha_a[position]))
+            refs_b.append((index.image_b[position], index.sha_b[position]))
+        pixels = self._pixels(refs_a + refs_b)  # view A's images, then view B's
         rng = np.random.default_rng([self.cfg.seed, self.epoch, _MATCHES, stream, local])
         pair_id = [index.pair_id[p] for p in positions.tolist()]
         if self.pack:
             arrays = collate_arrays(rows, self.cfg.max_matches, rng, pad_to_max=self.pad_matches)
-            return pack_batch(arrays, np.stack(pixels_a + pixels_b), pair_id)
-        batch = collate_pairs(rows, pixels_a, pixels_b, self.cfg.max_matches, rng, pad_to_max=self.pad_matches)
+            return pack_batch(arrays, np.stack(pixels), pair_id)
+        half = len(rows)
+        batch = collate_pairs(rows, pixels[:half], pixels[half:], self.cfg.max_matches, rng,
+                              pad_to_max=self.pad_matches)
         batch["pair_id"] = pair_id
         return batch
+
+    def _pixels(self, refs: list[tuple[str, str | None]]) -> list[np.ndarray]:
+        """Each image's 3xHxW pixels: normalised, resized uint8 (raw_pixels), or, when the resize is deferred
+        and every image decoded to one size, uint8 at that size."""
+        if not self.defer_resize:
+            return [self.source.pixels(ref, sha, raw=self.raw_pixels) for ref, sha in refs]
+        images = [self.source.decoded(ref, sha) for ref, sha in refs]
+        if len({image.size for image in images}) == 1:
+            return [np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)) for image in images]
+        return [self.source.preprocessing.resize_only(image) for image in images]
 
 
 def make_loader(stream: PairStream, *, pin_memory: bool = False) -> DataLoader:

@@ -17,6 +17,7 @@ import torch
 from geod.stage2_distill.config import DistillConfig, OptimConfig
 from geod.stage2_distill.model import DistillModel
 from geod.stage2_distill.packing import PackedBatch
+from geod.stage2_distill.resize import Resizer
 
 
 def make_optimizer(params: list, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -30,25 +31,36 @@ def make_optimizer(params: list, cfg: OptimConfig, device: torch.device) -> torc
 class BatchMover:
     """Moves loader batches to `device`. uint8 pixels (a stream made with `raw_pixels`) are normalised there
     with `preprocessing`, bitwise what the workers would compute; the lookup table goes to the device once.
+    uint8 pixels not at the student's size (a stream made with `defer_resize`) are resized there first, bit for
+    bit as PIL resizes them on the host (`resize.Resizer`; `compile_resize`: through torch.compile).
 
     side_stream (CUDA): the copies and the normalisation run on a stream of their own, and the stream that
     called waits for them: a batch fetched while the previous step is still running (the training loop queues
     a step and then fetches the next batch) is copied during that step instead of after it.
     """
 
-    def __init__(self, device: torch.device, preprocessing=None, *, side_stream: bool = True) -> None:
+    def __init__(self, device: torch.device, preprocessing=None, *, side_stream: bool = True,
+                 compile_resize: bool = False) -> None:
         self.device = device
         self.preprocessing = preprocessing
         self.side_stream = side_stream
+        self.compile_resize = compile_resize
         self._table = None
+        self._resizer = None  # made on the first batch that needs it
         self._copies = None  # the copy stream, made on first use
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels -> the student's float32 input; other dtypes are already normalised."""
+        """uint8 pixels -> the student's float32 input (resized first if they are not at its size); other dtypes
+        are already normalised."""
         if pixels.dtype != torch.uint8:
             return pixels
         if self.preprocessing is None:
             raise ValueError("the batch holds uint8 pixels; their Preprocessing is needed to normalise them")
+        if tuple(pixels.shape[-2:]) != tuple(self.preprocessing.image_size):
+            if self._resizer is None:
+                self._resizer = Resizer(self.preprocessing.image_size, self.preprocessing.resample,
+                                        compile=self.compile_resize)
+            pixels = self._resizer(pixels)
         if self._table is None:
             self._table = self.preprocessing.device_table(self.device)
         return self.preprocessing.normalise_tensor(pixels, self._table)

@@ -77,6 +77,13 @@ class Preprocessing:
             raise ValueError(f"Preprocessing.resize_only expects uint8 pixels, got {image.dtype}")
         return np.ascontiguousarray(self._resized(image).transpose(2, 0, 1))
 
+    @property
+    def resizes_on_device(self) -> bool:
+        """Whether `geod.stage2_distill.resize.Resizer` reproduces this preprocessing's filter (all but NEAREST)."""
+        from geod.stage2_distill.resize import FILTERS
+
+        return self.resample in FILTERS
+
     def table(self) -> np.ndarray:
         """[256, 3] float32: the normalised value of each uint8 level per channel."""
         return self._normalise(np.arange(256, dtype=np.float32)[:, None])

@@ -34,7 +34,7 @@ from geod.stage2_distill.checkpoint import (
     write_run_info,
 )
 from geod.stage2_distill.config import DataConfig, DistillConfig, OptimConfig
-from geod.stage2_distill.data import PairStream, default_workers, make_loader
+from geod.stage2_distill.data import PairStream, default_workers, defers_resize, make_loader
 from geod.stage2_distill.graphed_step import GraphedStep, graph_step_possible
 from geod.stage2_distill.model import DistillModel
 from geod.stage2_distill.step import (  # noqa: F401
@@ -64,6 +64,9 @@ class RunSummary:
     checkpoint: Path | None
     seconds: float
     step_mode: str  # how steps ran: replayed CUDA graph or eager, and why
+    # Share of the training loop's time (after its first step, which waits for the workers to start) spent
+    # waiting for the next batch: near 0 when the loader keeps up, large when it holds the steps back.
+    data_wait_share: float = 0.0
 
 
 def learning_rate(step: int, cfg: OptimConfig) -> float:
@@ -193,30 +196,63 @@ def _setup(cfg: DistillConfig) -> _Session:
     compiled = device.type == "cuda" and cfg.run.compile
     if compiled:
         model.compile_sections()
-    # On CUDA the workers send resized uint8 pixels (a quarter of the bytes to make, pin and copy) and the
+    # On CUDA the workers send uint8 pixels (a quarter of the bytes to make, pin and copy) and the
     # normalisation runs on the GPU, with the same float32 values; each batch travels packed in two buffers.
-    # A compiled section or a captured step gets every batch padded to data.max_matches, so it is compiled
-    # or captured once.
+    # With run.device_resize the GPU also resizes batches of one decoded size. A compiled section or a
+    # captured step gets every batch padded to data.max_matches, so it is compiled or captured once.
     cuda = device.type == "cuda"
     graphed, graph_note = graph_step_possible(cfg, device, world, model, optimizer)
     stream = PairStream(resolved.data, student.preprocessing, rank=rank, world_size=world, raw_pixels=cuda,
-                        pad_matches=compiled or graphed, pack=cuda)
+                        pad_matches=compiled or graphed, pack=cuda,
+                        defer_resize=defers_resize(resolved.run.device_resize, student.preprocessing, device))
     return _Session(cfg=cfg, config=resolved.to_dict(), model=model, params=params, optimizer=optimizer,
                     stream=stream, student_info=_student_info(resolved, student, base_in_run, run_dir),
                     device=device, rank=rank, world=world, graphed=graphed, graph_note=graph_note)
 
 
-def _log(writer, losses: dict, lr: float, grad_norm: float, state: TrainState) -> None:
+def _log(writer, losses: dict, lr: float, grad_norm: float, state: TrainState, wait_share: float) -> None:
     for name, value in losses.items():
         writer.add_scalar(f"loss/{name}", value, state.step)
     writer.add_scalar("optim/lr", lr, state.step)
     writer.add_scalar("optim/grad_norm", grad_norm, state.step)
     writer.add_scalar("optim/skipped_steps", state.skipped, state.step)
+    writer.add_scalar("data/wait_share", wait_share, state.step)
+
+
+class _WaitClock:
+    """Time spent waiting for batches, as a share of the loop's time: over the whole invocation and over the
+    current logging window. The clocks start after the first wait, which includes starting the workers."""
+
+    def __init__(self) -> None:
+        self.total = self.window = 0.0
+        self.started = self.window_started = None
+
+    def waited(self, seconds: float) -> None:
+        if self.started is None:
+            self.started = self.window_started = time.monotonic()
+            return
+        self.total += seconds
+        self.window += seconds
+
+    def window_share(self) -> float:
+        """The current window's share; a new window starts now."""
+        share = _share(self.window, self.window_started)
+        self.window, self.window_started = 0.0, time.monotonic()
+        return share
+
+    def share(self) -> float:
+        return _share(self.total, self.started)
+
+
+def _share(waited: float, since: float | None) -> float:
+    elapsed = time.monotonic() - since if since is not None else 0.0
+    return min(waited / elapsed, 1.0) if elapsed > 0 else 0.0
 
 
 def _batches(run: _Session, state: TrainState):
     """Batches from the current data position on, across epochs, forever, on the device."""
-    mover = BatchMover(run.device, run.stream.source.preprocessing)
+    mover = BatchMover(run.device, run.stream.source.preprocessing,
+                       compile_resize=run.stream.defer_resize and run.cfg.run.compile)
     while True:
         if state.batch >= run.stream.batches_per_epoch(state.epoch):
             state.epoch, state.batch = state.epoch + 1, 0
@@ -255,6 +291,7 @@ def run_distill(cfg: DistillConfig) -> RunSummary:
     last_losses: dict = {}
     last_checkpoint = checkpoints[-1] if checkpoints else None
     batches = _batches(run, state)
+    waits = _WaitClock()
     precision_scope = contextlib.ExitStack()  # TF32 as run.tf32 says, restored when the loop ends
     pending: tuple[int, StepOutcome] | None = None  # a queued step whose outcome is read after the next is queued
     graphed = GraphedStep(run.model, run.optimizer, run.params, cfg, run.stream.cv_grid, run.device) \
@@ -277,7 +314,9 @@ def run_distill(cfg: DistillConfig) -> RunSummary:
     try:
         precision_scope.enter_context(tf32(run.device, cfg.run.tf32))
         while state.step < stop_at:
+            asked = time.monotonic()
             batch = next(batches)
+            waits.waited(time.monotonic() - asked)
             lr = learning_rate(state.step, cfg.optim)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
@@ -301,9 +340,11 @@ def run_distill(cfg: DistillConfig) -> RunSummary:
             if log_now:
                 last_losses = {k: sum(v) / len(v) for k, v in window.items() if v}
                 window = {name: [] for name in LOSS_NAMES}
+                wait_share = waits.window_share()
                 if writer is not None:
-                    _log(writer, last_losses, lr, grad_norm, state)
-                bar.set_postfix(loss=f"{last_losses.get('total', float('nan')):.4f}", lr=f"{lr:.2e}")
+                    _log(writer, last_losses, lr, grad_norm, state, wait_share)
+                bar.set_postfix(loss=f"{last_losses.get('total', float('nan')):.4f}", lr=f"{lr:.2e}",
+                                data_wait=f"{100 * wait_share:.0f}%")
             if save_now:
                 if run.rank == 0:
                     last_checkpoint = save_checkpoint(run_dir, run.model, run.optimizer, state, run.config,
@@ -321,7 +362,7 @@ def run_distill(cfg: DistillConfig) -> RunSummary:
         save_outputs(run_dir, run.model, run.config, run.student_info)
     return RunSummary(run_dir=run_dir, steps=state.step, skipped_steps=state.skipped, finished=finished,
                       last_losses=last_losses, checkpoint=last_checkpoint, seconds=time.monotonic() - started,
-                      step_mode=_step_mode(run, graphed))
+                      step_mode=_step_mode(run, graphed), data_wait_share=waits.share())
 
 
 def _step_mode(run: _Session, graphed: GraphedStep | None) -> str:

@@ -118,6 +118,7 @@ def test_distill_resume_continues_the_run_with_its_own_config(tmp_path):
     resumed = _geod("distill", *common, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "4 steps" in resumed.stdout
+    assert "data: the steps waited for batches" in resumed.stdout
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 

@@ -148,6 +148,50 @@ def test_packed_batches_unpack_to_the_collated_ones(dataset, workers, raw):
                 assert b[key].dtype == a[key].dtype and torch.equal(b[key], a[key]), key
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_deferred_resize_sends_one_size_batches_as_decoded_and_the_mover_resizes_them(dataset, pack):
+    # Every toy image decodes to 32x48: the workers send them at that size, and the mover's resize gives the
+    # host path's batch bit for bit.
+    from geod.stage2_distill.step import BatchMover
+
+    cfg = _config(dataset, max_matches=5)
+    host = list(make_loader(PairStream(cfg, PREP, raw_pixels=True, pad_matches=True, pack=pack)))
+    deferred = list(make_loader(PairStream(cfg, PREP, raw_pixels=True, pad_matches=True, pack=pack,
+                                           defer_resize=True)))
+    assert len(host) == len(deferred) > 0
+    mover = BatchMover(torch.device("cpu"), PREP)
+    for h, d in zip(host, deferred):
+        sent = d.pixels if pack else d["pixel_a"]
+        assert sent.dtype == torch.uint8 and tuple(sent.shape[-2:]) == (32, 48)
+        h, d = mover(h), mover(d)
+        assert d["pixel_a"].shape == h["pixel_a"].shape == (2, 3, 16, 24)
+        for key in h:
+            if key != "pair_id":
+                assert torch.equal(d[key], h[key]), key
+
+
+def test_deferred_resize_resizes_a_batch_of_mixed_sizes_on_the_host(tmp_path):
+    # One image of another size: that batch cannot travel as one tensor at the decoded size, so the workers
+    # resize it as usual, bitwise the host path; deferral also needs a filter other than NEAREST.
+    from PIL import Image
+
+    path = make_target_dataset(tmp_path, pairs=4)
+    odd = tmp_path / "images" / "0002_b.png"
+    buffer = io.BytesIO()
+    Image.open(odd).resize((40, 30)).save(buffer, format="PNG")
+    odd.write_bytes(buffer.getvalue())
+    cfg = _config(path, batch_size=4, shuffle_blocks=1, verify_images=False)
+    host = next(iter(make_loader(PairStream(cfg, PREP, raw_pixels=True))))
+    deferred = next(iter(make_loader(PairStream(cfg, PREP, raw_pixels=True, defer_resize=True))))
+    for key in ("pixel_a", "pixel_b"):
+        assert torch.equal(deferred[key], host[key]) and host[key].shape == (4, 3, 16, 24)
+    nearest = Preprocessing(image_size=(16, 24), mean=(0.5,) * 3, std=(0.25,) * 3, resample=0)
+    with pytest.raises(ConfigError, match="defer_resize"):
+        PairStream(cfg, nearest, raw_pixels=True, defer_resize=True)
+    with pytest.raises(ConfigError, match="defer_resize"):
+        PairStream(cfg, PREP, defer_resize=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batches_copied_on_a_side_stream_are_complete_when_the_consumer_reads_them(dataset):
@@ -168,6 +212,27 @@ def test_cuda_batches_copied_on_a_side_stream_are_complete_when_the_consumer_rea
         read = {key: b[key].clone() for key in a if key != "pair_id"}  # read on the consumer stream
         for key, value in read.items():
             assert value.dtype == a[key].dtype and torch.equal(value.cpu(), a[key]), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_mover_resizes_deferred_batches_like_the_cpu(dataset):
+    # On the GPU the deferred resize runs on the mover's side stream, compiled as `geod distill` runs it; it
+    # must give the CPU's batch bit for bit.
+    from geod.stage2_distill.step import BatchMover
+
+    cfg = _config(dataset, max_matches=5)
+    batches = list(make_loader(PairStream(cfg, PREP, raw_pixels=True, pad_matches=True, pack=True,
+                                          defer_resize=True), pin_memory=True))
+    on_gpu = BatchMover(torch.device("cuda"), PREP, compile_resize=True)
+    on_cpu = BatchMover(torch.device("cpu"), PREP)
+    for packed in batches:
+        assert tuple(packed.pixels.shape[-2:]) == (32, 48)
+        gpu, cpu = on_gpu(packed), on_cpu(packed)
+        assert gpu["pixel_a"].shape == (2, 3, 16, 24)
+        for key in cpu:
+            if key != "pair_id":
+                assert torch.equal(gpu[key].cpu(), cpu[key]), key
 
 
 def test_pack_batch_aligns_every_array_and_refuses_unknown_dtypes():

@@ -81,6 +81,30 @@ def test_resume_continues_the_unbroken_trajectory(dataset, tmp_path):
     assert any((tmp_path / "a" / "tb").iterdir())
 
 
+def test_the_share_of_time_spent_waiting_for_data_is_measured_and_logged(dataset, tmp_path, monkeypatch):
+    # A loader slowed to 0.1 s per image (6 images per batch, in this process) dominates each step: the run
+    # reports that most of its time went to waiting, and logs the share per window to TensorBoard.
+    import time
+
+    from geod.stage2_distill.data import PairSource
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pixels = PairSource.pixels
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.1)
+        return pixels(self, *args, **kwargs)
+
+    monkeypatch.setattr(PairSource, "pixels", slow)
+    summary = train.run_distill(_config(dataset, tmp_path / "slow", steps=4))
+    assert 0.5 < summary.data_wait_share <= 1.0
+    events = EventAccumulator(str(tmp_path / "slow" / "tb"))
+    events.Reload()
+    shares = [event.value for event in events.Scalars("data/wait_share")]
+    assert len(shares) == 4 and shares[0] == 0.0  # the first step's wait (starting the loader) is left out
+    assert all(0.5 < share <= 1.0 for share in shares[1:])
+
+
 def test_non_finite_steps_are_skipped_then_abort(dataset, tmp_path, monkeypatch):
     forward = DistillModel.forward
     calls = []
