@@ -226,7 +226,7 @@ class RunConfig:
     cuda_graphs: bool = True
     # On CUDA, when a batch's images all decode to one size (one camera), the workers send them at that size
     # and the GPU resizes them, bit for bit as PIL does on the host (geod.stage2_distill.resize): the same
-    # batches, with a sixth to two fifths of the workers' time moved to the GPU, where it costs 0.1-0.7 ms per
+    # batches, with a sixth to two fifths of the workers' time moved to the GPU, where it costs 0.08-0.6 ms per
     # step of 32 images (compiled, with run.compile; eager it is several times slower). False: the workers
     # resize (best when they keep up anyway; `geod distill` reports the share of time the steps waited for
     # batches).

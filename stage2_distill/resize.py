@@ -161,7 +161,7 @@ def _resample(values: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, v
     sum_k value[index[:, k]] * weight[:, k] plus half a unit, shifted back to 8 bits and clipped (PIL's
     clip8). Every sum fits in int32, as in PIL."""
     if vertical:
-        total = (values[..., index, :] * weight[..., None]).sum(-2)  # gathers [..., H, K, w]
+        total = (values[..., index, :] * weight[..., None]).sum(-2, dtype=torch.int32)  # gathers [..., H, K, w]
     else:
-        total = (values[..., index] * weight).sum(-1)  # gathers [..., W, K]
+        total = (values[..., index] * weight).sum(-1, dtype=torch.int32)  # gathers [..., W, K]
     return ((total + (1 << (PRECISION_BITS - 1))) >> PRECISION_BITS).clamp(0, 255)
