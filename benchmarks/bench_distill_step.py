@@ -23,7 +23,7 @@ Per student, with bf16 autocast on CUDA as geod trains, B pairs = 2B images per 
     backward, grad clip, AdamW step) on one real batch already on the GPU, repeated; set up as `geod distill`
     does on CUDA: fused AdamW with the non-finite guard on the GPU, each step's outcome read once the next step
     is queued, the sections after the encoder and the adapters compiled (`--compile off`: eager) on batches
-    padded to data.max_matches, and
+    padded to data.max_matches, the losses of the middle blocks on a second stream (`run.overlap_losses`), and
     the whole step captured as a CUDA graph after two eager steps where the student allows it
     (`graphed_step.GraphedStep`; `--graphs off`: eager `step.launch_step`). Also timed with the outcome read
     at once (one wait for the GPU per step);
@@ -194,7 +194,7 @@ def _build(name: str, args, device, batch: int):
         data=DataConfig(shards=str(args.dataset), batch_size=batch, workers=args.workers,
                         shuffle_blocks=2),
         run=RunConfig(out=Path(tempfile.gettempdir()) / "geod-bench-run", progress=False,
-                      cuda_graphs=args.graphs == "on", tf32=args.tf32 == "on"),
+                      cuda_graphs=args.graphs == "on", tf32=args.tf32 == "on", compile=args.compile == "on"),
         student=StudentConfig(name_or_path=registry, image_size=image_size, tiny_overrides=overrides),
         optim=OptimConfig(warmup_steps=10, max_steps=1000))
     if args.set:  # e.g. student.adapter_dim=0 to time the step without a part
@@ -287,11 +287,9 @@ def bench_student(label: str, args, device) -> dict:
     use_bf16 = device.type == "cuda"
     # As `geod distill` sets it up on CUDA: compiled sections fed batches padded to data.max_matches, and
     # uint8 pixels from the workers normalised (and, with run.device_resize, resized) on the GPU.
-    compiled = device.type == "cuda" and args.compile == "on"
+    compiled = train.prepare_for_device(model, cfg, device, world=1)
     raw = device.type == "cuda"
     defer = defers_resize(cfg.run.device_resize, student.preprocessing, device)
-    if compiled:
-        model.compile_sections()
     height, width = student.image_size
     result = {"student": label, "pairs_per_step": pairs, "images_per_step": 2 * pairs, "image_size": [height, width],
               "encoder_blocks_run": student.num_layers, "tower_blocks": student.tower_layers,
@@ -299,7 +297,7 @@ def bench_student(label: str, args, device) -> dict:
               "trainable_params": sum(p.numel() for p in params),
               "tower_params": sum(p.numel() for p in student.base_model().parameters()),
               "compiled_losses": compiled, "fused_adamw": bool(optimizer.defaults.get("fused")),
-              "uint8_pixels": raw, "loader_workers": cfg.data.workers,
+              "uint8_pixels": raw, "overlapped_losses": model.overlaps_losses, "loader_workers": cfg.data.workers,
               "reduced_decode": cfg.data.reduced_decode, "device_resize": defer}
     print(f"[{label}] built in {time.perf_counter() - started:.1f}s: {result}", flush=True)
 
@@ -342,7 +340,7 @@ def bench_student(label: str, args, device) -> dict:
                         defer_resize=defer)
     stream.set_position(0, 0)
     first = iter(make_loader(stream, pin_memory=device.type == "cuda"))
-    batch = step.BatchMover(device, student.preprocessing, compile_resize=defer and compiled)(next(first))
+    batch = step.BatchMover(device, student.preprocessing, compile=compiled)(next(first))
     del first  # shuts its workers down before anything is timed
     step_no = [0]
     pending: list = []  # the queued step whose outcome is read after the next one is queued
@@ -416,7 +414,7 @@ def bench_student(label: str, args, device) -> dict:
         fed_stream = PairStream(cfg.data, student.preprocessing, raw_pixels=raw, pad_matches=compiled or graphs,
                                 pack=raw and transport == "packed", defer_resize=defer)
         mover = step.BatchMover(device, student.preprocessing, side_stream=copies != ["inline"],
-                                compile_resize=defer and compiled)
+                                compile=compiled)
         batches = _epochs(fed_stream, device)
         waits = []
 
@@ -643,6 +641,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="change the distillation config of every student (repeatable), e.g. "
                              "student.adapter_dim=0 or loss.w_kl=0, to time the step without a part")
+    parser.add_argument("--inductor-options", default=None, metavar="JSON",
+                        help="inductor options of the compiled section and adapters instead of geod's "
+                             "(model.INDUCTOR_OPTIONS), e.g. '{}' for torch's defaults")
     parser.add_argument("--tf32", choices=("on", "off"), default="on",
                         help="float32 products in TF32 on CUDA (geod distill's run.tf32)")
     parser.add_argument("--skip-data", action="store_true", help="leave out (d), the loader timed alone")
@@ -675,10 +676,14 @@ def main() -> None:
     from geod.pipeline.precision import tf32
 
     print(f"transformers {transformers.__version__}", flush=True)
+    from geod.stage2_distill import model as model_module
+
+    options = model_module.INDUCTOR_OPTIONS if args.inductor_options is None else json.loads(args.inductor_options)
     results = []
     for name in args.students.split(","):
         try:
-            with tf32(device, args.tf32 == "on"):  # what geod distill sets for its loop (run.tf32)
+            # tf32: what geod distill sets for its loop (run.tf32); the options hold for this process only
+            with tf32(device, args.tf32 == "on"), mock.patch.dict(model_module.INDUCTOR_OPTIONS, options, clear=True):
                 results.append(bench_student(name, args, device))
         except Exception as exc:  # a missing optional package or an OOM must not lose the other students
             print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)

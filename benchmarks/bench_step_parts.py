@@ -10,7 +10,7 @@ The parts a ViT-B step spends its extra time on, each beside the way geod comput
   against `two_way_cost_volume_kl`, eager and compiled;
 - the GPU resize of a batch of 32 decoded images (`run.device_resize`), forward only: torch's antialiased
   bicubic `interpolate` against `resize.Resizer` (PIL's bits), eager and compiled, and the lookup-table
-  normalisation that follows it, for scale.
+  normalisation that follows it, eager and compiled (what `step.BatchMover` runs in a compiled run).
 
     python benchmarks/bench_step_parts.py [adapters] [sampling] [kl] [resize]
 """
@@ -141,7 +141,11 @@ def resize(device: torch.device) -> None:
                lambda: nn.functional.interpolate(decoded.float(), size=(size, size), mode="bicubic", antialias=True))
         report(f"{size} from {source[1]}x{source[0]}, Resizer, eager", lambda: eager(decoded))
         report(f"{size} from {source[1]}x{source[0]}, Resizer, compiled", lambda: compiled(decoded))
-        report(f"{size}: lookup-table normalisation", lambda: prep.normalise_tensor(resized, table))
+        lookup = torch.compile(prep.normalise_tensor, dynamic=False)
+        print(f"| {size}: compiled normalisation equals the eager one: "
+              f"{torch.equal(lookup(resized, table), prep.normalise_tensor(resized, table))} | |")
+        report(f"{size}: lookup-table normalisation, eager", lambda: prep.normalise_tensor(resized, table))
+        report(f"{size}: lookup-table normalisation, compiled", lambda: lookup(resized, table))
 
 
 def main() -> None:

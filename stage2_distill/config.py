@@ -231,6 +231,10 @@ class RunConfig:
     # resize (best when they keep up anyway; `geod distill` reports the share of time the steps waited for
     # batches).
     device_resize: bool = True
+    # On CUDA in one process, the depth, ranking and cost-volume losses (which read the middle blocks) run on a
+    # second stream beside the encoder's later blocks, forward and backward: the same values, less time for
+    # small students, whose loss kernels are too short to fill the GPU.
+    overlap_losses: bool = True
     # float32 matrix products on CUDA use TF32 tensor cores: the loss section's cosine similarities (the encoder
     # runs in bf16 under autocast). Their error (about 1e-4 on a cosine) is far below the losses' temperatures.
     tf32: bool = True

@@ -25,6 +25,11 @@ from geod.stage2_distill.students import Student
 from torch import nn
 
 
+# Inductor settings for `DistillModel.compile_sections`. Combo kernels run independent small kernels (the
+# losses' reductions, the pieces of their backward, bias gradients) as one launch: on a ViT-B step the gaps
+# between a few hundred short kernels are a measurable share of the loss section (benchmarks/RESULTS.md).
+INDUCTOR_OPTIONS = {"combo_kernels": True}
+
 # What the losses read from a batch (pixels and pair ids stay outside the compiled section).
 LOSS_INPUTS = ("mask", "xy_a", "xy_b", "depth_a", "depth_b", "points_a", "points_b", "scene_scale",
                "cv_ab_index", "cv_ab_prob", "cv_ab_valid", "cv_ba_index", "cv_ba_prob", "cv_ba_valid")
@@ -156,6 +161,8 @@ class DistillModel(nn.Module):
         self.refine, self.depth_head = build_heads(student, cfg)
         mark_trainable(self)
         self._compiled_section = None
+        self._side_stream: torch.cuda.Stream | None = None
+        self._held_for_side = None  # the side stream's inputs, until `join_streams`
 
     def features(self, pixel_values: torch.Tensor, *, match: bool = True, depth: bool = True,
                  cost: bool = True, preserve: int | None = None) -> dict[str, torch.Tensor]:
@@ -212,11 +219,68 @@ class DistillModel(nn.Module):
         """Losses of one batch: {"total", "ap", "depth", "rank", "kl", "preserve"} (unweighted parts, weighted
         total)."""
         pixels = torch.cat([batch["pixel_a"], batch["pixel_b"]])
-        grids = self.student(pixels)
-        base = None
-        if loss_cfg.w_preserve > 0:
-            base = self.base_grid(pixels, preserve_layer_index(self.student, loss_cfg.preserve_layer))
-        return self.losses_of(grids, base, batch, loss_cfg, cv_grid)
+        early_block = self._early_block(loss_cfg)
+        if early_block is None:
+            grids = self.student(pixels)
+            return self.losses_of(grids, self._base(pixels, loss_cfg), batch, loss_cfg, cv_grid)
+
+        # The depth, ranking and cost-volume losses read blocks up to `early_block` only: they are queued on the
+        # side stream as soon as that block has run, and overlap the encoder's later blocks, forward and
+        # backward (autograd runs a backward on the stream of its forward, and joins the streams where
+        # gradients meet). The streams join again before the parts are summed and after backward
+        # (`join_streams`). The side stream's inputs, made on the main stream, are held until that last join,
+        # so the allocator cannot hand their memory to main-stream work while the side stream may still read it.
+        main, side = torch.cuda.current_stream(pixels.device), self._side_stream
+        targets = {k: v for k, v in batch.items() if k in LOSS_INPUTS}
+        section = self._compiled_section or self._heads_and_losses
+        early: dict[str, torch.Tensor] = {}
+
+        def after_block(index: int, grid_of) -> None:
+            if index == early_block:
+                grids = [grid_of(i) for i in range(index + 1)]
+                self._held_for_side = (grids, targets)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    early.update(section(grids, None, targets, loss_cfg, cv_grid, "early"))
+
+        grids = self.student(pixels, after_block)
+        late = section(grids, self._base(pixels, loss_cfg), targets, loss_cfg, cv_grid, "late")
+        main.wait_stream(side)
+        return {name: late[name] + early[name] for name in late}
+
+    def overlap_early_losses(self, stream: torch.cuda.Stream | None) -> None:
+        """On CUDA, compute the losses of the early blocks on `stream`, beside the encoder's later blocks
+        (`forward`); None: all losses after the encoder, on the current stream."""
+        self._side_stream = stream
+
+    @property
+    def overlaps_losses(self) -> bool:
+        return self._side_stream is not None
+
+    def join_streams(self) -> None:
+        """Make the current stream wait for the side stream's work (call after backward, before the update)."""
+        if self._side_stream is not None:
+            torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
+            self._held_for_side = None
+
+    def _early_block(self, loss_cfg: LossConfig) -> int | None:
+        """The last block the early losses read when they can overlap later blocks, else None."""
+        if self._side_stream is None or loss_cfg.w_ap <= 0:
+            return None
+        layers = []
+        if loss_cfg.w_depth > 0 or loss_cfg.w_rank > 0:
+            layers += self.cfg.depth_layers
+        if loss_cfg.w_kl > 0:
+            layers += self.cfg.cost_layers
+        if not layers or max(layers) >= self.cfg.match_layer:
+            return None
+        return max(layers)
+
+    def _base(self, pixels: torch.Tensor, loss_cfg: LossConfig) -> torch.Tensor | None:
+        """The base encoder's grid for the preservation loss, or None when it is off."""
+        if loss_cfg.w_preserve <= 0:
+            return None
+        return self.base_grid(pixels, preserve_layer_index(self.student, loss_cfg.preserve_layer))
 
     def losses_of(self, grids: list[torch.Tensor], base: torch.Tensor | None, batch: dict, loss_cfg: LossConfig,
                   cv_grid: tuple[int, int]) -> dict:
@@ -226,22 +290,29 @@ class DistillModel(nn.Module):
         section = self._compiled_section or self._heads_and_losses
         return section(grids, base, targets, loss_cfg, cv_grid)
 
-    def compile_sections(self, **options) -> None:
+    def compile_sections(self, backend: str = "inductor", **options) -> None:
         """Run the section after the encoder (norms, layer means, heads, losses) and the bottleneck adapters
         through torch.compile (static shapes: feed batches padded to one match count, see PairStream's
         pad_matches). Eager, they launch a few hundred small kernels per step and make several float32 passes
-        over each feature grid, which bounds small students by the host or by memory traffic."""
-        self._compiled_section = torch.compile(self._heads_and_losses, dynamic=False, **options)
+        over each feature grid, which bounds small students by the host or by memory traffic. The inductor
+        backend gets `INDUCTOR_OPTIONS` unless the caller passes a mode or options of its own."""
+        if backend == "inductor" and "mode" not in options:
+            options.setdefault("options", dict(INDUCTOR_OPTIONS))
+        self._compiled_section = torch.compile(self._heads_and_losses, backend=backend, dynamic=False, **options)
         if self.student.block_adapters:
-            residual = torch.compile(bottleneck_residual, dynamic=False, **options)
+            residual = torch.compile(bottleneck_residual, backend=backend, dynamic=False, **options)
             for adapter in self.student.block_adapters.values():
                 adapter.residual = residual
 
     def _heads_and_losses(self, grids: list[torch.Tensor], base: torch.Tensor | None, batch: dict,
-                          loss_cfg: LossConfig, cv_grid: tuple[int, int]) -> dict:
+                          loss_cfg: LossConfig, cv_grid: tuple[int, int], part: str = "all") -> dict:
+        """The loss parts of the features in `part`: "all", "early" (depth, ranking, cost volume) or "late"
+        (matching, preservation); the parts left out are zero."""
         layer = preserve_layer_index(self.student, loss_cfg.preserve_layer) if base is not None else None
-        feats = self.features_of(grids, match=loss_cfg.w_ap > 0, depth=loss_cfg.w_depth > 0 or loss_cfg.w_rank > 0,
-                                 cost=loss_cfg.w_kl > 0, preserve=layer)
+        early, late = part != "late", part != "early"
+        feats = self.features_of(grids, match=late and loss_cfg.w_ap > 0,
+                                 depth=early and (loss_cfg.w_depth > 0 or loss_cfg.w_rank > 0),
+                                 cost=early and loss_cfg.w_kl > 0, preserve=layer if late else None)
         if base is not None:
             feats["preserve_base"] = base
         return self._float_losses(feats, batch, loss_cfg, cv_grid)

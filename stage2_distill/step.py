@@ -32,7 +32,9 @@ class BatchMover:
     """Moves loader batches to `device`. uint8 pixels (a stream made with `raw_pixels`) are normalised there
     with `preprocessing`, bitwise what the workers would compute; the lookup table goes to the device once.
     uint8 pixels not at the student's size (a stream made with `defer_resize`) are resized there first, bit for
-    bit as PIL resizes them on the host (`resize.Resizer`; `compile_resize`: through torch.compile).
+    bit as PIL resizes them on the host (`resize.Resizer`). `compile`: the resize and the normalisation run
+    through torch.compile, one kernel per pass (the eager lookup writes two int64 index tensors first, several
+    times the bytes of its result).
 
     side_stream (CUDA): the copies and the normalisation run on a stream of their own, and the stream that
     called waits for them: a batch fetched while the previous step is still running (the training loop queues
@@ -40,12 +42,13 @@ class BatchMover:
     """
 
     def __init__(self, device: torch.device, preprocessing=None, *, side_stream: bool = True,
-                 compile_resize: bool = False) -> None:
+                 compile: bool = False) -> None:
         self.device = device
         self.preprocessing = preprocessing
         self.side_stream = side_stream
-        self.compile_resize = compile_resize
+        self.compile = compile
         self._table = None
+        self._lookup = None  # the normalisation, compiled or not, made on the first uint8 batch
         self._resizer = None  # made on the first batch that needs it
         self._copies = None  # the copy stream, made on first use
 
@@ -59,11 +62,13 @@ class BatchMover:
         if tuple(pixels.shape[-2:]) != tuple(self.preprocessing.image_size):
             if self._resizer is None:
                 self._resizer = Resizer(self.preprocessing.image_size, self.preprocessing.resample,
-                                        compile=self.compile_resize)
+                                        compile=self.compile)
             pixels = self._resizer(pixels)
         if self._table is None:
             self._table = self.preprocessing.device_table(self.device)
-        return self.preprocessing.normalise_tensor(pixels, self._table)
+            lookup = self.preprocessing.normalise_tensor
+            self._lookup = torch.compile(lookup, dynamic=False) if self.compile else lookup
+        return self._lookup(pixels, self._table)
 
     def __call__(self, batch: dict | PackedBatch) -> dict:
         """The batch on the device (asynchronous copies from pinned memory), ready for the calling stream."""
@@ -202,6 +207,7 @@ def _forward_backward(model: DistillModel, batch: dict, params: list, cfg: Disti
     # as checking it first (no update), its gradients are discarded.
     loss_finite = torch.isfinite(total.detach())
     total.backward()
+    model.join_streams()
     norm = torch.nn.utils.clip_grad_norm_(params, _clip_norm(cfg))
     stats = torch.stack([loss_finite.float(), norm.detach().float(), *(parts[k].detach().float() for k in names)])
     return names, stats

@@ -238,7 +238,11 @@ class Student(nn.Module):
         """uint8 HxWx3 RGB images -> pixel_values [B, 3, H, W] at the student's size and normalisation."""
         return torch.from_numpy(np.stack([self.preprocessing(image) for image in images]))
 
-    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, pixel_values: torch.Tensor,
+                after_block: Callable[[int, Callable[[int], torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
+        """The grids [B, D, h, w] of blocks 0 .. fed_layer. `after_block(index, grid_of)` is called as each block
+        finishes, with `grid_of(i)` giving the grid of any block i <= index: work on early blocks can be queued
+        while the later ones run."""
         height, width = pixel_values.shape[-2:]
         multiple = self.geometry.size_multiple
         if height % multiple or width % multiple:
@@ -260,12 +264,21 @@ class Student(nn.Module):
                 if adapter is not None:
                     tokens = adapter(tokens)
                 outputs[index] = tokens
+                if after_block is not None:
+                    after_block(index, grid_of)
                 if skip_rest and index == last:
                     raise _FedLayerReached
                 if adapter is None:
                     return None
                 return tokens if isinstance(output, torch.Tensor) else (tokens, *output[1:])
             return on_output
+
+        grids: dict[int, torch.Tensor] = {}
+
+        def grid_of(index: int) -> torch.Tensor:
+            if index not in grids:
+                grids[index] = call.to_grid(outputs[index])
+            return grids[index]
 
         blocks = self.blocks()
         handles = [blocks[i].register_forward_hook(hook(i)) for i in range(self.num_layers)]
@@ -276,7 +289,7 @@ class Student(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        return [call.to_grid(outputs[index]) for index in range(self.num_layers)]
+        return [grid_of(index) for index in range(self.num_layers)]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -193,9 +193,7 @@ def _setup(cfg: DistillConfig) -> _Session:
     model.train()
     params = [p for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)]
     optimizer = make_optimizer(params, cfg.optim, device)
-    compiled = device.type == "cuda" and cfg.run.compile
-    if compiled:
-        model.compile_sections()
+    compiled = prepare_for_device(model, cfg, device, world)
     # On CUDA the workers send uint8 pixels (a quarter of the bytes to make, pin and copy) and the
     # normalisation runs on the GPU, with the same float32 values; each batch travels packed in two buffers.
     # With run.device_resize the GPU also resizes batches of one decoded size. A compiled section or a
@@ -208,6 +206,17 @@ def _setup(cfg: DistillConfig) -> _Session:
     return _Session(cfg=cfg, config=resolved.to_dict(), model=model, params=params, optimizer=optimizer,
                     stream=stream, student_info=_student_info(resolved, student, base_in_run, run_dir),
                     device=device, rank=rank, world=world, graphed=graphed, graph_note=graph_note)
+
+
+def prepare_for_device(model: DistillModel, cfg: DistillConfig, device: torch.device, world: int) -> bool:
+    """Compile the sections after the encoder (run.compile) and overlap the early losses with the later blocks
+    (run.overlap_losses), as far as the device allows; returns whether the sections are compiled."""
+    compiled = device.type == "cuda" and cfg.run.compile
+    if compiled:
+        model.compile_sections()
+    if device.type == "cuda" and world == 1 and cfg.run.overlap_losses:
+        model.overlap_early_losses(torch.cuda.Stream(device))
+    return compiled
 
 
 def _log(writer, losses: dict, lr: float, grad_norm: float, state: TrainState, wait_share: float) -> None:
@@ -252,7 +261,7 @@ def _share(waited: float, since: float | None) -> float:
 def _batches(run: _Session, state: TrainState):
     """Batches from the current data position on, across epochs, forever, on the device."""
     mover = BatchMover(run.device, run.stream.source.preprocessing,
-                       compile_resize=run.stream.defer_resize and run.cfg.run.compile)
+                       compile=run.cfg.run.compile and run.device.type == "cuda")
     while True:
         if state.batch >= run.stream.batches_per_epoch(state.epoch):
             state.epoch, state.batch = state.epoch + 1, 0

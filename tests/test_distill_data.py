@@ -224,7 +224,7 @@ def test_cuda_mover_resizes_deferred_batches_like_the_cpu(dataset):
     cfg = _config(dataset, max_matches=5)
     batches = list(make_loader(PairStream(cfg, PREP, raw_pixels=True, pad_matches=True, pack=True,
                                           defer_resize=True), pin_memory=True))
-    on_gpu = BatchMover(torch.device("cuda"), PREP, compile_resize=True)
+    on_gpu = BatchMover(torch.device("cuda"), PREP, compile=True)
     on_cpu = BatchMover(torch.device("cpu"), PREP)
     for packed in batches:
         assert tuple(packed.pixels.shape[-2:]) == (32, 48)

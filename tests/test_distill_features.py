@@ -158,3 +158,48 @@ def test_cell_resampling_equals_point_samples_at_cell_centres(grid_hw, cells):
     assert got.shape == (3, cells[0] * cells[1], 5)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
     assert torch.allclose(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_the_student_reports_each_block_as_it_finishes_with_the_grids_so_far():
+    model = _model()
+    pixels = torch.cat([_batch()["pixel_a"], _batch()["pixel_b"]])
+    seen = []
+
+    def after_block(index, grid_of):
+        seen.append((index, [grid_of(i).clone() for i in range(index + 1)]))
+
+    with torch.no_grad():
+        grids = model.student(pixels, after_block)
+    assert [index for index, _ in seen] == list(range(model.student.num_layers))
+    for index, so_far in seen:  # what a caller sees mid-forward is what the forward returns
+        assert all(torch.equal(early, grids[i]) for i, early in enumerate(so_far))
+
+
+def test_early_and_late_loss_parts_add_up_to_the_whole_section_in_value_and_gradient():
+    # The split `forward` uses when it overlaps the early losses with the later blocks on CUDA.
+    from distill_helpers import random_batch
+
+    model = _model().train()
+    batch = random_batch(2, 6, 24, 4, "cpu", seed=3)
+    cfg = LossConfig(w_preserve=0.5)
+    assert model._early_block(cfg) is None  # no side stream: one section
+
+    def run(parts: tuple[str, ...]):
+        model.zero_grad(set_to_none=True)
+        pixels = torch.cat([batch["pixel_a"], batch["pixel_b"]])
+        grids, base = model.student(pixels), model._base(pixels, cfg)
+        sections = [model._heads_and_losses(grids, base, batch, cfg, (4, 6), part) for part in parts]
+        values = {name: sum(section[name] for section in sections) for name in sections[0]}
+        values["total"].backward()
+        return values, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, whole_grads = run(("all",))
+    split, split_grads = run(("early", "late"))
+    early, _ = run(("early",))
+    assert early["ap"] == 0 and early["preserve"] == 0 and early["kl"] > 0 and early["rank"] > 0
+    assert whole.keys() == split.keys()
+    for name in whole:
+        assert torch.allclose(split[name], whole[name], rtol=1e-6, atol=1e-7), name
+    assert whole_grads.keys() == split_grads.keys()
+    for name in whole_grads:
+        assert torch.allclose(split_grads[name], whole_grads[name], rtol=1e-5, atol=1e-7), name

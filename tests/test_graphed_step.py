@@ -135,3 +135,30 @@ def test_geod_distill_on_cuda_replays_its_step_and_matches_the_eager_run(tmp_pat
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-5), key
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_early_losses_on_a_side_stream_train_as_one_section_does_eager_and_replayed():
+    device = torch.device("cuda")
+    model, cfg = _model(device="cuda")
+    twin = copy.deepcopy(model)
+    model.overlap_early_losses(torch.cuda.Stream(device))
+    assert model._early_block(cfg.loss) == 1 and twin._early_block(cfg.loss) is None
+    params = [p for p in model.parameters() if p.requires_grad]
+    twin_params = [p for p in twin.parameters() if p.requires_grad]
+    optimizer, twin_optimizer = _fused(params, "cuda"), _fused(twin_params, "cuda")
+    start = [p.detach().clone() for p in params]
+    graphed = GraphedStep(model, optimizer, params, cfg, (4, 6), device, warmup=2)
+    for seed in range(6):
+        batch = random_batch(3, 16, 24, 4, device, seed=seed)
+        ours, theirs = graphed(batch).result(), step.launch_step(twin, batch, twin_optimizer, twin_params, cfg,
+                                                                 (4, 6), device, 1).result()
+        assert ours[2] and theirs[2]
+        assert ours[1] == pytest.approx(theirs[1], rel=1e-4)
+        for name, value in ours[0].items():
+            assert value == pytest.approx(theirs[0][name], rel=1e-4, abs=1e-6), name
+    assert graphed.failure is None and graphed.replays == 4 and graphed.eager_steps == 2
+    moved, twin_moved = _updates(params, start), _updates(twin_params, start)
+    assert moved.abs().max() > 0
+    assert (moved - twin_moved).norm() <= 1e-4 * twin_moved.norm()
