@@ -678,7 +678,9 @@ def main() -> None:
     print(f"transformers {transformers.__version__}", flush=True)
     from geod.stage2_distill import model as model_module
 
-    options = model_module.INDUCTOR_OPTIONS if args.inductor_options is None else json.loads(args.inductor_options)
+    # A copy: patch.dict clears the dict before it fills it from these values.
+    chosen = json.loads(args.inductor_options) if args.inductor_options is not None else model_module.INDUCTOR_OPTIONS
+    options = dict(chosen)
     results = []
     for name in args.students.split(","):
         try:

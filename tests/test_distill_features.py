@@ -203,3 +203,20 @@ def test_early_and_late_loss_parts_add_up_to_the_whole_section_in_value_and_grad
     assert whole_grads.keys() == split_grads.keys()
     for name in whole_grads:
         assert torch.allclose(split_grads[name], whole_grads[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_early_losses_overlap_only_when_they_read_blocks_before_the_matching_block():
+    model = _model()
+    model.overlap_early_losses(object())  # only the decision is checked here; the streams need CUDA
+    assert model.overlaps_losses
+    layers = (model.cfg.depth_layers, model.cfg.cost_layers, model.cfg.match_layer)
+    assert model._early_block(LossConfig()) == max(layers[0] + layers[1]) < layers[2]
+    assert model._early_block(LossConfig(w_ap=0)) is None  # nothing runs after them
+    assert model._early_block(LossConfig(w_depth=0, w_rank=0, w_kl=0)) is None  # no early losses
+    late = _model()
+    late.cfg.cost_layers = (late.cfg.match_layer,)  # a cost volume read from the last block cannot overlap it
+    late.overlap_early_losses(object())
+    assert late._early_block(LossConfig(w_depth=0, w_rank=0)) is None
+    assert late._early_block(LossConfig(w_kl=0)) == max(late.cfg.depth_layers)
+    model.overlap_early_losses(None)
+    assert not model.overlaps_losses and model._early_block(LossConfig()) is None
