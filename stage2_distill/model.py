@@ -231,20 +231,18 @@ class DistillModel(nn.Module):
         # (`join_streams`). The side stream's inputs, made on the main stream, are held until that last join,
         # so the allocator cannot hand their memory to main-stream work while the side stream may still read it.
         main, side = torch.cuda.current_stream(pixels.device), self._side_stream
-        targets = {k: v for k, v in batch.items() if k in LOSS_INPUTS}
-        section = self._compiled_section or self._heads_and_losses
         early: dict[str, torch.Tensor] = {}
 
         def after_block(index: int, grid_of) -> None:
             if index == early_block:
                 grids = [grid_of(i) for i in range(index + 1)]
-                self._held_for_side = (grids, targets)
+                self._held_for_side = (grids, batch)
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
-                    early.update(section(grids, None, targets, loss_cfg, cv_grid, "early"))
+                    early.update(self.losses_of(grids, None, batch, loss_cfg, cv_grid, "early"))
 
         grids = self.student(pixels, after_block)
-        late = section(grids, self._base(pixels, loss_cfg), targets, loss_cfg, cv_grid, "late")
+        late = self.losses_of(grids, self._base(pixels, loss_cfg), batch, loss_cfg, cv_grid, "late")
         main.wait_stream(side)
         return {name: late[name] + early[name] for name in late}
 
@@ -283,12 +281,13 @@ class DistillModel(nn.Module):
         return self.base_grid(pixels, preserve_layer_index(self.student, loss_cfg.preserve_layer))
 
     def losses_of(self, grids: list[torch.Tensor], base: torch.Tensor | None, batch: dict, loss_cfg: LossConfig,
-                  cv_grid: tuple[int, int]) -> dict:
+                  cv_grid: tuple[int, int], part: str = "all") -> dict:
         """The loss parts from the student's block grids: norms, layer means, heads and losses (compiled after
-        `compile_sections`). `base`: the base encoder's grid for the preservation loss, or None."""
+        `compile_sections`). `base`: the base encoder's grid for the preservation loss, or None. `part`: see
+        `_heads_and_losses`."""
         targets = {k: v for k, v in batch.items() if k in LOSS_INPUTS}
         section = self._compiled_section or self._heads_and_losses
-        return section(grids, base, targets, loss_cfg, cv_grid)
+        return section(grids, base, targets, loss_cfg, cv_grid, part)
 
     def compile_sections(self, backend: str = "inductor", **options) -> None:
         """Run the section after the encoder (norms, layer means, heads, losses) and the bottleneck adapters
