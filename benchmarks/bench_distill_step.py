@@ -194,7 +194,8 @@ def _build(name: str, args, device, batch: int):
         data=DataConfig(shards=str(args.dataset), batch_size=batch, workers=args.workers,
                         shuffle_blocks=2),
         run=RunConfig(out=Path(tempfile.gettempdir()) / "geod-bench-run", progress=False,
-                      cuda_graphs=args.graphs == "on", tf32=args.tf32 == "on", compile=args.compile == "on"),
+                      cuda_graphs=args.graphs == "on", tf32=args.tf32 == "on", compile=args.compile == "on",
+                      cudnn_benchmark=args.cudnn_benchmark == "on"),
         student=StudentConfig(name_or_path=registry, image_size=image_size, tiny_overrides=overrides),
         optim=OptimConfig(warmup_steps=10, max_steps=1000))
     if args.set:  # e.g. student.adapter_dim=0 to time the step without a part
@@ -343,7 +344,7 @@ def bench_student(label: str, args, device) -> dict:
     batch = step.BatchMover(device, student.preprocessing, compile=compiled)(next(first))
     del first  # shuts its workers down before anything is timed
     step_no = [0]
-    pending: list = []  # the queued step whose outcome is read after the next one is queued
+    in_flight = step.InFlight(cfg.run.steps_in_flight)  # queued steps whose outcomes are read later
     # As `geod distill` runs steps: captured as a CUDA graph where possible (after two eager steps), else eager.
     graphs, result["step_mode"] = graph_step_possible(cfg, device, 1, model, optimizer)
     runner = GraphedStep(model, optimizer, params, cfg, stream.cv_grid, device) if graphs else None
@@ -355,7 +356,7 @@ def bench_student(label: str, args, device) -> dict:
         return values
 
     def geod_step(b, deferred: bool = True) -> None:
-        """A step as `geod distill` runs it: its outcome is read once the next step is queued (deferred), or
+        """A step as `geod distill` runs it: its outcome is read run.steps_in_flight steps later (deferred), or
         (deferred=False) read at once, one wait for the GPU per step."""
         lr = train.learning_rate(step_no[0], cfg.optim)
         for group in optimizer.param_groups:
@@ -365,17 +366,16 @@ def bench_student(label: str, args, device) -> dict:
         else:
             outcome = step.launch_step(model, b, optimizer, params, cfg, stream.cv_grid, device, 1)
         step_no[0] += 1
-        while pending:
-            check(pending.pop())
-        if deferred:
-            pending.append(outcome)
-        else:
-            check(outcome)
+        due = in_flight.add(step_no[0], outcome)
+        if not deferred:
+            due += in_flight.drain()
+        for _, done in due:
+            check(done)
 
     def flush() -> dict:
         values = {}
-        while pending:
-            values = check(pending.pop())
+        for _, done in in_flight.drain():
+            values = check(done)
         return values
 
     _peak_reset(device)
@@ -426,7 +426,11 @@ def bench_student(label: str, args, device) -> dict:
 
         result[f"geod_step_ms_{variant}"] = 1e3 * _time_loop(fed_step, fed_warmup, fed_steps, device)
         flush()
-        result[f"data_wait_ms_{variant}"] = 1e3 * float(np.mean(waits[fed_warmup:]))
+        timed_waits = 1e3 * np.asarray(waits[fed_warmup:])
+        result[f"data_wait_ms_{variant}"] = float(timed_waits.mean())
+        # The tail matters more than the mean: the GPU idles only when a wait outlasts the steps queued on it.
+        result[f"data_wait_p90_ms_{variant}"] = float(np.percentile(timed_waits, 90))
+        result[f"data_wait_max_ms_{variant}"] = float(timed_waits.max())
         batches.close()  # shuts the DataLoader workers down
     # Without a fed variant (--fed none) the step figures are the compute step's.
     main_variant = fed_variants[0] if fed_variants else None
@@ -646,6 +650,8 @@ def main() -> None:
                              "(model.INDUCTOR_OPTIONS), e.g. '{}' for torch's defaults")
     parser.add_argument("--tf32", choices=("on", "off"), default="on",
                         help="float32 products in TF32 on CUDA (geod distill's run.tf32)")
+    parser.add_argument("--cudnn-benchmark", choices=("on", "off"), default="on",
+                        help="cuDNN autotunes its convolutions on CUDA (geod distill's run.cudnn_benchmark)")
     parser.add_argument("--skip-data", action="store_true", help="leave out (d), the loader timed alone")
     parser.add_argument("--fed", default="packed-deferred,separate-sync",
                         help="variants of (c), comma-separated TRANSPORT-READOUT, the first reported as the step: "
@@ -673,7 +679,7 @@ def main() -> None:
     if device.type == "cuda":
         print(f"device {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     import transformers
-    from geod.pipeline.precision import tf32
+    from geod.pipeline.precision import cudnn_autotune, tf32
 
     print(f"transformers {transformers.__version__}", flush=True)
     from geod.stage2_distill import model as model_module
@@ -684,8 +690,10 @@ def main() -> None:
     results = []
     for name in args.students.split(","):
         try:
-            # tf32: what geod distill sets for its loop (run.tf32); the options hold for this process only
-            with tf32(device, args.tf32 == "on"), mock.patch.dict(model_module.INDUCTOR_OPTIONS, options, clear=True):
+            # TF32 and cuDNN autotuning as geod distill sets them for its loop (run.tf32, run.cudnn_benchmark); the
+            # inductor options hold for this process only
+            with tf32(device, args.tf32 == "on"), cudnn_autotune(device, args.cudnn_benchmark == "on"), \
+                    mock.patch.dict(model_module.INDUCTOR_OPTIONS, options, clear=True):
                 results.append(bench_student(name, args, device))
         except Exception as exc:  # a missing optional package or an OOM must not lose the other students
             print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)

@@ -1,6 +1,7 @@
-"""Scoped control of TF32 for float32 matrix products and convolutions on CUDA.
+"""Scoped control of CUDA backend switches: TF32 for float32 matrix products and convolutions, and cuDNN's
+convolution autotuning.
 
-PyTorch only offers process-wide switches, so this sets them for the duration of a block and restores
+PyTorch only offers process-wide switches, so these set them for the duration of a block and restore
 them after (not thread-safe: the extraction runner calls the network from one thread, and `geod distill` runs
 its steps from one thread). Uses the
 `fp32_precision` settings where they exist (torch >= 2.9) and `allow_tf32` otherwise.
@@ -34,3 +35,19 @@ def tf32(device: torch.device, enabled: bool):
     finally:
         for (obj, name), old in zip(targets, previous):
             setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device, enabled: bool):
+    """cuDNN times its algorithms for each new convolution shape in the block and keeps the fastest
+    (`torch.backends.cudnn.benchmark`) iff `enabled`; a no-op off CUDA. Worth it where the shapes repeat, as in a
+    training loop of fixed-size batches; the first call of each shape pays for the timing."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous

@@ -235,9 +235,17 @@ class RunConfig:
     # second stream beside the encoder's later blocks, forward and backward: the same values, less time for
     # small students, whose loss kernels are too short to fill the GPU.
     overlap_losses: bool = True
+    # Steps queued on the device ahead of the host: after queuing a step the loop reads the outcome (losses,
+    # gradient norm, skip) of the step this many before it. Deeper lets the device run through a batch that
+    # comes late from the loader; a non-finite streak is then noticed that many steps later (the skipped updates
+    # themselves are decided on the device).
+    steps_in_flight: int = 2
     # float32 matrix products on CUDA use TF32 tensor cores: the loss section's cosine similarities (the encoder
     # runs in bf16 under autocast). Their error (about 1e-4 on a cosine) is far below the losses' temperatures.
     tf32: bool = True
+    # cuDNN times its convolution algorithms for each shape on first use and keeps the fastest (the refine head's
+    # 3x3 conv and the patch embedding; batches keep one shape through a run).
+    cudnn_benchmark: bool = True
     resume: bool = False
     overwrite: bool = False
     stop_after_steps: int | None = None  # end this invocation early (with a checkpoint), e.g. for job limits
@@ -251,6 +259,7 @@ class RunConfig:
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"run.device: expected auto, cpu or cuda[:N], got {self.device!r}")
         _require(self.stop_after_steps is None or self.stop_after_steps >= 1, "run.stop_after_steps must be >= 1")
+        _require(self.steps_in_flight >= 1, "run.steps_in_flight must be >= 1")
         _require(not (self.resume and self.overwrite), "run.resume and run.overwrite exclude each other")
 
 

@@ -4,13 +4,14 @@ A step queues the forward pass, the losses, backward, gradient clipping and the 
 With fused AdamW (what `geod distill` uses on CUDA) the non-finite guard runs there as well: the update is
 skipped by the optimizer's kernel when the loss or the gradient norm is not finite. The step's loss values,
 gradient norm and guard decision come back in one small copy that the caller reads when it needs them
-(`StepOutcome.result`). The training loop reads them one step late, after queuing the next step: the host then
-never waits for the device in the middle of the loop, the device never waits for the host between steps, and
-fetching the next batch overlaps the device's work.
+(`StepOutcome.result`). The training loop reads them a few steps late (`InFlight`): the host then never waits
+for the device in the middle of the loop, fetching the next batch overlaps the device's work, and the device
+keeps queued steps to run while the host waits for a batch that comes late.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
@@ -127,6 +128,42 @@ class StepOutcome:
         return self._result
 
 
+class InFlight:
+    """The outcomes of queued steps, read `depth` steps late, in order.
+
+    After queuing step N the loop reads the outcome of step N - depth, which waits for the device to finish
+    that step; the device then still holds `depth` queued steps (`depth` = 1: the step just queued) while the
+    host fetches the next batch. A batch that comes late from the loader (a worker descheduled, a slow image)
+    leaves the device idle only when the wait is longer than those queued steps.
+    """
+
+    def __init__(self, depth: int) -> None:
+        if depth < 1:
+            raise ValueError(f"InFlight: depth must be >= 1, got {depth}")
+        self.depth = depth
+        self._queue: collections.deque[tuple[int, StepOutcome]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, step: int, outcome: StepOutcome) -> list[tuple[int, StepOutcome]]:
+        """Queue step `step`'s outcome; returns the (step, outcome) pairs now due, oldest first. An outcome
+        already read (not deferred) makes every queued one due with it."""
+        self._queue.append((step, outcome))
+        if not outcome.deferred:
+            return self.drain()
+        due = []
+        while len(self._queue) > self.depth:
+            due.append(self._queue.popleft())
+        return due
+
+    def drain(self) -> list[tuple[int, StepOutcome]]:
+        """Every queued outcome, oldest first (to log, checkpoint or stop)."""
+        due = list(self._queue)
+        self._queue.clear()
+        return due
+
+
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer takes a device-side skip flag: fused AdamW reads `found_inf` (the protocol
     torch.amp.GradScaler uses) and then leaves parameters, moments and step count untouched."""
@@ -180,7 +217,8 @@ def read_later(names: list[str], stats: torch.Tensor, device: torch.device) -> S
         host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
         host.copy_(stats, non_blocking=True)
         stats = host
-        event = torch.cuda.Event()
+        # Blocking: a host waiting for the step sleeps instead of spinning on a core the loader's workers need.
+        event = torch.cuda.Event(blocking=True)
         event.record()
     return StepOutcome(names, stats, event, deferred=True)
 

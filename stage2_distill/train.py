@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from geod.pipeline.errors import ConfigError, GeodError
-from geod.pipeline.precision import tf32
+from geod.pipeline.precision import cudnn_autotune, tf32
 from geod.stage2_distill.checkpoint import (
     BASE_DIR,
     CHECKPOINTS,
@@ -39,6 +39,7 @@ from geod.stage2_distill.graphed_step import GraphedStep, graph_step_possible
 from geod.stage2_distill.model import DistillModel
 from geod.stage2_distill.step import (  # noqa: F401
     BatchMover,
+    InFlight,
     StepOutcome,
     launch_step,
     make_optimizer,
@@ -219,13 +220,13 @@ def prepare_for_device(model: DistillModel, cfg: DistillConfig, device: torch.de
     return compiled
 
 
-def _log(writer, losses: dict, lr: float, grad_norm: float, state: TrainState, wait_share: float) -> None:
+def _log(writer, step: int, losses: dict, lr: float, grad_norm: float, skipped: int, wait_share: float) -> None:
     for name, value in losses.items():
-        writer.add_scalar(f"loss/{name}", value, state.step)
-    writer.add_scalar("optim/lr", lr, state.step)
-    writer.add_scalar("optim/grad_norm", grad_norm, state.step)
-    writer.add_scalar("optim/skipped_steps", state.skipped, state.step)
-    writer.add_scalar("data/wait_share", wait_share, state.step)
+        writer.add_scalar(f"loss/{name}", value, step)
+    writer.add_scalar("optim/lr", lr, step)
+    writer.add_scalar("optim/grad_norm", grad_norm, step)
+    writer.add_scalar("optim/skipped_steps", skipped, step)
+    writer.add_scalar("data/wait_share", wait_share, step)
 
 
 class _WaitClock:
@@ -301,13 +302,15 @@ def run_distill(cfg: DistillConfig) -> RunSummary:
     last_checkpoint = checkpoints[-1] if checkpoints else None
     batches = _batches(run, state)
     waits = _WaitClock()
-    precision_scope = contextlib.ExitStack()  # TF32 as run.tf32 says, restored when the loop ends
-    pending: tuple[int, StepOutcome] | None = None  # a queued step whose outcome is read after the next is queued
+    precision_scope = contextlib.ExitStack()  # TF32 and cuDNN autotuning as run says, restored at the end
+    in_flight = InFlight(cfg.run.steps_in_flight)  # queued steps whose outcomes are read later
     graphed = GraphedStep(run.model, run.optimizer, run.params, cfg, run.stream.cv_grid, run.device) \
         if run.graphed else None
 
-    def account(step: int, outcome: StepOutcome) -> float:
-        """Fold a step's outcome into the state and the loss window; returns its gradient norm."""
+    def account(step: int, outcome: StepOutcome) -> None:
+        """Fold a step's outcome into the state and the loss window, and log when the step is a logging step.
+        Logging follows the outcomes as they are read, so it never makes the loop wait for the device."""
+        nonlocal window, last_losses
         values, grad_norm, applied = outcome.result()
         state.nonfinite_streak = 0 if applied else state.nonfinite_streak + 1
         if applied:
@@ -318,10 +321,19 @@ def run_distill(cfg: DistillConfig) -> RunSummary:
             if state.nonfinite_streak >= cfg.optim.max_nonfinite:
                 raise TrainingDiverged(f"{state.nonfinite_streak} consecutive steps with a non-finite loss or "
                                        f"gradient (last at step {step}); lower optim.lr")
-        return grad_norm
+        if step % cfg.run.log_every == 0 or step == stop_at:
+            last_losses = {k: sum(v) / len(v) for k, v in window.items() if v}
+            window = {name: [] for name in LOSS_NAMES}
+            wait_share = waits.window_share()
+            lr = learning_rate(step - 1, cfg.optim)  # the rate step `step` ran with
+            if writer is not None:
+                _log(writer, step, last_losses, lr, grad_norm, state.skipped, wait_share)
+            bar.set_postfix(loss=f"{last_losses.get('total', float('nan')):.4f}", lr=f"{lr:.2e}",
+                            data_wait=f"{100 * wait_share:.0f}%")
 
     try:
         precision_scope.enter_context(tf32(run.device, cfg.run.tf32))
+        precision_scope.enter_context(cudnn_autotune(run.device, cfg.run.cudnn_benchmark))
         while state.step < stop_at:
             asked = time.monotonic()
             batch = next(batches)
@@ -336,24 +348,13 @@ def run_distill(cfg: DistillConfig) -> RunSummary:
                                       run.device, run.world)
             state.step += 1
             state.batch += 1
-            if pending is not None:
-                account(*pending)
-                pending = None
-            log_now = state.step % cfg.run.log_every == 0 or state.step == stop_at
             save_now = state.step % cfg.run.checkpoint_every == 0 or state.step == stop_at
-            if outcome.deferred and not (log_now or save_now):
-                pending = (state.step, outcome)  # read once the next step is queued: no wait for the device
-            else:
-                grad_norm = account(state.step, outcome)
+            due = in_flight.add(state.step, outcome)
+            if save_now:
+                due += in_flight.drain()  # the checkpoint holds every step so far, outcomes included
+            for step, done in due:
+                account(step, done)
             bar.update(1)
-            if log_now:
-                last_losses = {k: sum(v) / len(v) for k, v in window.items() if v}
-                window = {name: [] for name in LOSS_NAMES}
-                wait_share = waits.window_share()
-                if writer is not None:
-                    _log(writer, last_losses, lr, grad_norm, state, wait_share)
-                bar.set_postfix(loss=f"{last_losses.get('total', float('nan')):.4f}", lr=f"{lr:.2e}",
-                                data_wait=f"{100 * wait_share:.0f}%")
             if save_now:
                 if run.rank == 0:
                     last_checkpoint = save_checkpoint(run_dir, run.model, run.optimizer, state, run.config,

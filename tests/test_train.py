@@ -366,10 +366,31 @@ def test_a_step_skipped_on_the_device_leaves_the_optimizer_untouched_and_a_finit
             assert torch.equal(after["state"][key][name], value[name]), name
 
 
-def test_outcomes_read_one_step_late_give_the_same_run(dataset, tmp_path, monkeypatch):
-    # With fused AdamW the loop reads a step's outcome after queuing the next one (except at log and checkpoint
-    # steps). Logging every step reads every outcome at once; both runs must end in the same weights, count
-    # the same skipped step and still abort on a streak of non-finite steps.
+def test_in_flight_reads_outcomes_depth_steps_late_in_order():
+    from geod.stage2_distill import step
+
+    def deferred(value):
+        return step.StepOutcome(["total"], torch.tensor([1.0, 0.5, value]), deferred=True)
+
+    queue = step.InFlight(2)
+    assert queue.add(1, deferred(1.0)) == [] and queue.add(2, deferred(2.0)) == []
+    due = queue.add(3, deferred(3.0))
+    assert [s for s, _ in due] == [1] and due[0][1].result() == ({"total": 1.0}, 0.5, True)
+    assert [s for s, _ in queue.add(4, deferred(4.0))] == [2] and len(queue) == 2
+    # An outcome already read (a CPU or multi-rank step) brings every queued one with it, in order.
+    done = step.StepOutcome.done({"total": 5.0}, 0.5, True)
+    assert [s for s, _ in queue.add(5, done)] == [3, 4, 5] and len(queue) == 0
+    queue.add(6, deferred(6.0))
+    assert [s for s, _ in queue.drain()] == [6] and queue.drain() == []
+    with pytest.raises(ValueError, match="depth"):
+        step.InFlight(0)
+
+
+def test_outcomes_read_late_give_the_same_run(dataset, tmp_path, monkeypatch):
+    # With fused AdamW the loop reads a step's outcome run.steps_in_flight steps after queuing it (all of them
+    # at checkpoint steps), and logs as it reads them. Reading three steps late and reading at once must end in
+    # the same weights and logged losses, count the same skipped step and still abort on a streak of
+    # non-finite steps.
     monkeypatch.setattr(train, "make_optimizer", _fused_cpu_optimizer)
     forward = DistillModel.forward
     calls = []
@@ -382,9 +403,10 @@ def test_outcomes_read_one_step_late_give_the_same_run(dataset, tmp_path, monkey
         return parts
 
     monkeypatch.setattr(DistillModel, "forward", poisoned)
-    late = train.run_distill(_config(dataset, tmp_path / "late", log_every=4))
-    at_once = train.run_distill(_config(dataset, tmp_path / "at-once", log_every=1))
+    late = train.run_distill(_config(dataset, tmp_path / "late", log_every=4, steps_in_flight=3))
+    at_once = train.run_distill(_config(dataset, tmp_path / "at-once", log_every=4, steps_in_flight=1))
     assert late.steps == at_once.steps == 6 and late.skipped_steps == at_once.skipped_steps == 1
+    assert late.last_losses == at_once.last_losses and set(late.last_losses) == set(train.LOSS_NAMES)
     a, b = (_trainable(list_checkpoints(tmp_path / name)[-1]) for name in ("late", "at-once"))
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[name], b[name]) for name in a)
@@ -393,7 +415,7 @@ def test_outcomes_read_one_step_late_give_the_same_run(dataset, tmp_path, monkey
 
     monkeypatch.setattr(DistillModel, "forward", lambda self, batch, loss_cfg, cv_grid: {
         **forward(self, batch, loss_cfg, cv_grid), "total": torch.tensor(float("inf"), requires_grad=True)})
-    cfg = _config(dataset, tmp_path / "inf", steps=5, log_every=10)
+    cfg = _config(dataset, tmp_path / "inf", steps=5, log_every=10, steps_in_flight=3)
     cfg.optim.max_nonfinite = 2
     with pytest.raises(train.TrainingDiverged, match="2 consecutive"):
         train.run_distill(cfg)
