@@ -21,12 +21,12 @@ Per student, with bf16 autocast on CUDA as geod trains, B pairs = 2B images per 
     `--graphs on` (the default) also the same pass captured as one CUDA graph and replayed ("plain graph");
 (b) geod compute: the step as `geod distill` runs it (DistillModel forward with all four losses, heads,
     backward, grad clip, AdamW step) on one real batch already on the GPU, repeated; set up as `geod distill`
-    does on CUDA: fused AdamW with the non-finite guard on the GPU, each step's outcome read once the next step
-    is queued, the sections after the encoder and the adapters compiled (`--compile off`: eager) on batches
-    padded to data.max_matches, the losses of the middle blocks on a second stream (`run.overlap_losses`), and
-    the whole step captured as a CUDA graph after two eager steps where the student allows it
-    (`graphed_step.GraphedStep`; `--graphs off`: eager `step.launch_step`). Also timed with the outcome read
-    at once (one wait for the GPU per step);
+    does on CUDA: fused AdamW with the non-finite guard on the GPU, each step's outcome read run.steps_in_flight
+    steps after it is queued, cuDNN autotuning (`--cudnn-benchmark`), the sections after the encoder and the
+    adapters compiled (`--compile off`: eager) on batches padded to data.max_matches, the losses of the middle
+    blocks on a second stream (`run.overlap_losses`), and the whole step captured as a CUDA graph after two
+    eager steps where the student allows it (`graphed_step.GraphedStep`; `--graphs off`: eager
+    `step.launch_step`). Also timed with the outcome read at once (one wait for the GPU per step);
 (c) geod step: the same, fed by geod's PairStream / DataLoader (pinned memory, workers) from a synthetic
     target dataset on local disk (640x480 JPEGs; targets from bench_format.synthetic_pair through the
     shard writer), as `geod distill` feeds it (workers send uint8 pixels, normalised on the GPU, each batch

@@ -12,8 +12,10 @@ How a run uses it (`GraphedStep.__call__`):
 - The next step of that shape is captured: the batch is copied into static input tensors, and forward,
   losses, backward, clipping and the update are recorded with `step.queue_update`. Nothing runs during
   capture; the graph is then replayed for that batch.
-- Later batches of that shape are copied into the static inputs and the graph is replayed. The learning rate
-  is a device tensor the graph reads, refreshed from the optimizer's param group before each replay.
+- Later batches of that shape are copied into the static inputs and the graph is replayed. Tensors that are
+  views of one buffer (a packed batch's targets, both views' pixels) are copied as that buffer, one copy
+  instead of one per tensor (`StaticInputs`). The learning rate is a device tensor the graph reads, refreshed
+  from the optimizer's param group before each replay.
 - A batch of another shape runs eagerly. So does every step when capture is not possible: students whose
   forward reads values back to the host (`TowerKind.graph_safe` False: Qwen2.5-VL's windows, Idefics3's
   patch positions), or a capture that fails (a warning says why).
@@ -54,16 +56,81 @@ def graph_step_possible(cfg: DistillConfig, device: torch.device, world: int, mo
 
 
 def batch_signature(batch: dict) -> tuple:
-    """What a captured graph is specific to: the name, shape and dtype of every tensor in the batch."""
-    return tuple((key, tuple(value.shape), value.dtype) for key, value in sorted(batch.items())
-                 if torch.is_tensor(value))
+    """What a captured graph is specific to: the name, shape and dtype of every tensor in the batch, and how
+    the tensors lie in shared buffers (`StaticInputs`)."""
+    tensors = {key: value for key, value in sorted(batch.items()) if torch.is_tensor(value)}
+    return (tuple((key, tuple(value.shape), value.dtype) for key, value in tensors.items()),
+            _buffer_layout(tensors))
+
+
+def _buffer_layout(tensors: dict) -> tuple:
+    """For each tensor: the index of its buffer (storage) among the batch's, its byte offset in it and the
+    buffer's size, when it is contiguous; Nones otherwise. Batches with the same layout share static buffers."""
+    buffers: dict[int, int] = {}
+    layout = []
+    for value in tensors.values():
+        if not value.is_contiguous():
+            layout.append((None, None, None))
+            continue
+        storage = value.untyped_storage()
+        index = buffers.setdefault(storage.data_ptr(), len(buffers))
+        layout.append((index, value.storage_offset() * value.element_size(), storage.nbytes()))
+    return tuple(layout)
+
+
+class StaticInputs:
+    """The graph's input tensors, laid out like the batch it was captured with: contiguous tensors that are
+    views of one buffer become views of one static buffer, so that a later batch of the same layout is copied
+    buffer by buffer (a packed batch: its target buffer and its pixels, two copies instead of sixteen)."""
+
+    def __init__(self, batch: dict) -> None:
+        self.values: dict = {}
+        self._buffers: list[tuple[torch.Tensor, str]] = []  # (static buffer, a key whose tensor lies in it)
+        self._separate: list[str] = []  # keys copied one by one
+        statics: dict[int, torch.Tensor] = {}
+        # A buffer the batch's tensors fill less than half of (a view into some larger tensor) is not copied
+        # whole: its tensors are copied one by one.
+        used: dict[int, int] = {}
+        for value in batch.values():
+            if torch.is_tensor(value) and value.is_contiguous():
+                ptr = value.untyped_storage().data_ptr()
+                used[ptr] = used.get(ptr, 0) + value.numel() * value.element_size()
+        for key, value in batch.items():
+            if not torch.is_tensor(value):
+                self.values[key] = value
+            elif not value.is_contiguous() or 2 * used[value.untyped_storage().data_ptr()] < \
+                    value.untyped_storage().nbytes():
+                self.values[key] = value.clone()
+                self._separate.append(key)
+            else:
+                storage = value.untyped_storage()
+                if storage.data_ptr() not in statics:
+                    static = _whole_buffer(value).clone()
+                    statics[storage.data_ptr()] = static
+                    self._buffers.append((static, key))
+                static = statics[storage.data_ptr()]
+                self.values[key] = torch.empty(0, dtype=value.dtype, device=value.device).set_(
+                    static.untyped_storage(), value.storage_offset(), value.shape, value.stride())
+
+    def copy_from(self, batch: dict) -> None:
+        """Copy `batch` (of the captured batch's signature) into the static tensors, asynchronously."""
+        for static, key in self._buffers:
+            static.copy_(_whole_buffer(batch[key]), non_blocking=True)
+        for key in self._separate:
+            self.values[key].copy_(batch[key], non_blocking=True)
+
+
+def _whole_buffer(value: torch.Tensor) -> torch.Tensor:
+    """The whole storage under `value`, as a flat uint8 tensor."""
+    storage = value.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8, device=value.device).set_(storage, 0, (storage.nbytes(),))
 
 
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
     signature: tuple
-    inputs: dict  # static input tensors the graph reads
+    inputs: StaticInputs  # static input tensors the graph reads
     names: list
     stats: torch.Tensor  # the step's stats, written by each replay
     learning_rates: list  # one device scalar per param group, read by the update kernel
@@ -114,7 +181,7 @@ class GraphedStep:
 
     # -- capture and replay ---------------------------------------------------------------------------------
     def _capture(self, batch: dict, signature: tuple) -> _Captured | None:
-        inputs = {key: value.clone() if torch.is_tensor(value) else value for key, value in batch.items()}
+        inputs = StaticInputs(batch)
         groups = self.optimizer.param_groups
         rates = [torch.tensor(float(group["lr"]), dtype=torch.float32, device=self.device) for group in groups]
         saved = [(group["lr"], group["capturable"]) for group in groups]
@@ -128,8 +195,8 @@ class GraphedStep:
                 group["lr"], group["capturable"] = rate, True
             # thread_local: the loader's pin-memory thread may keep calling CUDA while this thread captures.
             with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                names, stats = queue_update(self.model, inputs, self.optimizer, self.params, self.cfg, self.cv_grid,
-                                            self.device, autocast_cache=False)
+                names, stats = queue_update(self.model, inputs.values, self.optimizer, self.params, self.cfg,
+                                            self.cv_grid, self.device, autocast_cache=False)
         except Exception as exc:  # noqa: BLE001 - any failure leaves the run on the eager step
             self.failure = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"geod distill: the training step could not be captured as a CUDA graph; every step "
@@ -144,9 +211,7 @@ class GraphedStep:
 
     def _replay(self, batch: dict) -> StepOutcome:
         captured = self.captured
-        for key, static in captured.inputs.items():
-            if torch.is_tensor(static):
-                static.copy_(batch[key], non_blocking=True)
+        captured.inputs.copy_from(batch)
         for rate, group in zip(captured.learning_rates, self.optimizer.param_groups):
             rate.fill_(float(group["lr"]))
         captured.graph.replay()

@@ -158,7 +158,7 @@ class InFlight:
         return due
 
     def drain(self) -> list[tuple[int, StepOutcome]]:
-        """Every queued outcome, oldest first (to log, checkpoint or stop)."""
+        """Every queued outcome, oldest first (before a checkpoint, or to stop)."""
         due = list(self._queue)
         self._queue.clear()
         return due

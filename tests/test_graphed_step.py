@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from distill_helpers import make_target_dataset, random_batch
 from geod.stage2_distill import step, train
 from geod.stage2_distill.checkpoint import list_checkpoints
 from geod.stage2_distill.config import DataConfig, DistillConfig, OptimConfig, RunConfig, StudentConfig
-from geod.stage2_distill.graphed_step import GraphedStep, batch_signature, graph_step_possible
+from geod.stage2_distill.graphed_step import GraphedStep, StaticInputs, batch_signature, graph_step_possible
 from geod.stage2_distill.model import DistillModel
+from geod.stage2_distill.packing import pack_batch
 from geod.stage2_distill.students import create_student
 from safetensors.torch import load_file
 
@@ -60,10 +62,47 @@ def test_batch_signature_names_every_tensor_shape_and_dtype():
     batch = random_batch(2, 6, 24, 4, "cpu")
     batch["pair_id"] = ["a", "b"]
     signature = batch_signature(batch)
-    assert [key for key, _, _ in signature] == sorted(k for k in batch if k != "pair_id")
+    assert [key for key, _, _ in signature[0]] == sorted(k for k in batch if k != "pair_id")
     assert batch_signature({**batch, "pair_id": ["c", "d"]}) == signature
     assert batch_signature(random_batch(2, 7, 24, 4, "cpu")) != signature
     assert batch_signature({**batch, "mask": batch["mask"].to(torch.uint8)}) != signature
+    # The same tensors laid out otherwise (one of two views of a buffer now a tensor of its own) is another batch.
+    assert batch_signature({**batch, "cv_ba_prob": batch["cv_ba_prob"].clone()}) != signature
+
+
+def _packed(seed: int) -> dict:
+    arrays = {k: v.numpy() for k, v in random_batch(2, 6, 24, 4, "cpu", seed=seed).items() if k not in
+              ("pixel_a", "pixel_b")}
+    pixels = np.random.default_rng(seed).integers(0, 256, (4, 3, 8, 12), dtype=np.uint8)
+    return pack_batch(arrays, pixels, ["a", "b"]).unpack("cpu")
+
+
+def test_static_inputs_copy_a_packed_batch_buffer_by_buffer():
+    first, second = _packed(0), _packed(1)
+    assert batch_signature(first) == batch_signature(second)
+    static = StaticInputs(first)
+    # The sixteen tensors of a packed batch lie in two buffers (targets, pixels); so do their static copies.
+    assert len(static._buffers) == 2 and static._separate == []
+    tensors = [k for k in first if torch.is_tensor(first[k])]
+    assert len(tensors) == 16 and len({static.values[k].untyped_storage().data_ptr() for k in tensors}) == 2
+    assert all(torch.equal(static.values[k], first[k]) for k in tensors) and static.values["pair_id"] == ["a", "b"]
+    assert all(static.values[k].data_ptr() != first[k].data_ptr() for k in tensors)  # copies, not the batch
+    static.copy_from(second)
+    assert all(torch.equal(static.values[k], second[k]) for k in tensors)
+    assert not torch.equal(static.values["pixel_a"], first["pixel_a"])
+
+    # A tensor that is not contiguous gets a static tensor of its own, copied by itself.
+    strided = {"grid": torch.arange(24.0).reshape(4, 6).t(), "mask": torch.ones(3, dtype=torch.bool)}
+    static = StaticInputs(strided)
+    assert static._separate == ["grid"] and len(static._buffers) == 1
+    static.copy_from({"grid": -strided["grid"], "mask": torch.zeros(3, dtype=torch.bool)})
+    assert torch.equal(static.values["grid"], -strided["grid"]) and not static.values["mask"].any()
+    # Nor is a small view of a large buffer copied with the whole buffer.
+    large = torch.arange(100.0)
+    static = StaticInputs({"few": large[10:20]})
+    assert static._separate == ["few"] and static.values["few"].untyped_storage().nbytes() == 40
+    static.copy_from({"few": large[30:40]})
+    assert torch.equal(static.values["few"], large[30:40])
 
 
 def _updates(after: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tensor:
