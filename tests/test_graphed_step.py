@@ -105,6 +105,17 @@ def test_static_inputs_copy_a_packed_batch_buffer_by_buffer():
     assert torch.equal(static.values["few"], large[30:40])
 
 
+def _model_and_twin():
+    """A CUDA model, an identical copy, the config, and each one's trainable parameters with a fused AdamW."""
+    model, cfg = _model(device="cuda")
+    twin = copy.deepcopy(model)
+    trained = []
+    for each in (model, twin):
+        params = [p for p in each.parameters() if p.requires_grad]
+        trained.append((params, _fused(params, "cuda")))
+    return model, twin, cfg, *trained
+
+
 def _updates(after: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([(a - b).reshape(-1).float() for a, b in zip(after, before)])
 
@@ -113,11 +124,7 @@ def _updates(after: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Ten
 @needs_cuda
 def test_replayed_steps_train_as_the_eager_steps_do_and_skip_non_finite_batches():
     device = torch.device("cuda")
-    model, cfg = _model(device="cuda")
-    twin = copy.deepcopy(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    twin_params = [p for p in twin.parameters() if p.requires_grad]
-    optimizer, twin_optimizer = _fused(params, "cuda"), _fused(twin_params, "cuda")
+    model, twin, cfg, (params, optimizer), (twin_params, twin_optimizer) = _model_and_twin()
     start = [p.detach().clone() for p in params]
     graphed = GraphedStep(model, optimizer, params, cfg, (4, 6), device, warmup=2)
     batches = [random_batch(3, 16, 24, 4, device, seed=i) for i in range(7)]
@@ -180,13 +187,9 @@ def test_geod_distill_on_cuda_replays_its_step_and_matches_the_eager_run(tmp_pat
 @needs_cuda
 def test_early_losses_on_a_side_stream_train_as_one_section_does_eager_and_replayed():
     device = torch.device("cuda")
-    model, cfg = _model(device="cuda")
-    twin = copy.deepcopy(model)
+    model, twin, cfg, (params, optimizer), (twin_params, twin_optimizer) = _model_and_twin()
     model.overlap_early_losses(torch.cuda.Stream(device))
     assert model._early_block(cfg.loss) == 1 and twin._early_block(cfg.loss) is None
-    params = [p for p in model.parameters() if p.requires_grad]
-    twin_params = [p for p in twin.parameters() if p.requires_grad]
-    optimizer, twin_optimizer = _fused(params, "cuda"), _fused(twin_params, "cuda")
     start = [p.detach().clone() for p in params]
     graphed = GraphedStep(model, optimizer, params, cfg, (4, 6), device, warmup=2)
     for seed in range(6):
