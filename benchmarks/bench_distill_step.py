@@ -568,9 +568,9 @@ def _breakdown(model, batch, optimizer, params, cfg, cv_grid, device, use_bf16, 
         mark()
         loss_cfg = cfg.loss
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            grids = model.student(torch.cat([batch["pixel_a"], batch["pixel_b"]]))
+            blocks = model.student.run_blocks(torch.cat([batch["pixel_a"], batch["pixel_b"]]))
             mark()
-            parts = model.losses_of(grids, None, batch, loss_cfg, cv_grid)
+            parts = model.losses_of(blocks, None, batch, loss_cfg, cv_grid)
         mark()
         parts["total"].backward()
         mark()

@@ -21,7 +21,8 @@ from geod.stage2_distill import losses
 from geod.stage2_distill.adapters import (apply_lora, attach_bottlenecks, bottleneck_residual, build_heads,
                                           mark_trainable)
 from geod.stage2_distill.config import LossConfig, StudentConfig
-from geod.stage2_distill.students import Student
+from geod.stage2_distill.student_families import RasterGrid
+from geod.stage2_distill.students import BlockOutputs, Student
 from torch import nn
 
 
@@ -221,8 +222,8 @@ class DistillModel(nn.Module):
         pixels = torch.cat([batch["pixel_a"], batch["pixel_b"]])
         early_block = self._early_block(loss_cfg)
         if early_block is None:
-            grids = self.student(pixels)
-            return self.losses_of(grids, self._base(pixels, loss_cfg), batch, loss_cfg, cv_grid)
+            blocks = self.student.run_blocks(pixels)
+            return self.losses_of(blocks, self._base(pixels, loss_cfg), batch, loss_cfg, cv_grid)
 
         # The depth, ranking and cost-volume losses read blocks up to `early_block` only: they are queued on the
         # side stream as soon as that block has run, and overlap the encoder's later blocks, forward and
@@ -233,16 +234,15 @@ class DistillModel(nn.Module):
         main, side = torch.cuda.current_stream(pixels.device), self._side_stream
         early: dict[str, torch.Tensor] = {}
 
-        def after_block(index: int, grid_of) -> None:
+        def after_block(index: int, so_far: BlockOutputs) -> None:
             if index == early_block:
-                grids = [grid_of(i) for i in range(index + 1)]
-                self._held_for_side = (grids, batch)
+                self._held_for_side = (so_far, batch)
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
-                    early.update(self.losses_of(grids, None, batch, loss_cfg, cv_grid, "early"))
+                    early.update(self.losses_of(so_far, None, batch, loss_cfg, cv_grid, "early"))
 
-        grids = self.student(pixels, after_block)
-        late = self.losses_of(grids, self._base(pixels, loss_cfg), batch, loss_cfg, cv_grid, "late")
+        blocks = self.student.run_blocks(pixels, after_block)
+        late = self.losses_of(blocks, self._base(pixels, loss_cfg), batch, loss_cfg, cv_grid, "late")
         main.wait_stream(side)
         return {name: late[name] + early[name] for name in late}
 
@@ -280,14 +280,20 @@ class DistillModel(nn.Module):
             return None
         return self.base_grid(pixels, preserve_layer_index(self.student, loss_cfg.preserve_layer))
 
-    def losses_of(self, grids: list[torch.Tensor], base: torch.Tensor | None, batch: dict, loss_cfg: LossConfig,
+    def losses_of(self, blocks: BlockOutputs, base: torch.Tensor | None, batch: dict, loss_cfg: LossConfig,
                   cv_grid: tuple[int, int], part: str = "all") -> dict:
-        """The loss parts from the student's block grids: norms, layer means, heads and losses (compiled after
-        `compile_sections`). `base`: the base encoder's grid for the preservation loss, or None. `part`: see
-        `_heads_and_losses`."""
+        """The loss parts from the student's block outputs (`Student.run_blocks`): norms, layer means, heads and
+        losses (compiled after `compile_sections`). `base`: the base encoder's grid for the preservation loss,
+        or None. `part`: see `_heads_and_losses`."""
         targets = {k: v for k, v in batch.items() if k in LOSS_INPUTS}
         section = self._compiled_section or self._heads_and_losses
-        return section(grids, base, targets, loss_cfg, cv_grid, part)
+        # A sequence tower's tokens enter the section whole and are cut into grids inside it. Compiled, its
+        # backward then writes each block's token gradient at once (prefix rows zero); handed grids, it would
+        # write grid gradients that autograd copies into zero-filled token-sized tensors, two more passes over
+        # each block's gradient per step.
+        if isinstance(blocks.to_grid, RasterGrid):
+            return section(blocks.tokens, blocks.to_grid, base, targets, loss_cfg, cv_grid, part)
+        return section(blocks.grids(), None, base, targets, loss_cfg, cv_grid, part)
 
     def compile_sections(self, backend: str = "inductor", **options) -> None:
         """Run the section after the encoder (norms, layer means, heads, losses) and the bottleneck adapters
@@ -303,10 +309,12 @@ class DistillModel(nn.Module):
             for adapter in self.student.block_adapters.values():
                 adapter.residual = residual
 
-    def _heads_and_losses(self, grids: list[torch.Tensor], base: torch.Tensor | None, batch: dict,
-                          loss_cfg: LossConfig, cv_grid: tuple[int, int], part: str = "all") -> dict:
+    def _heads_and_losses(self, blocks: list[torch.Tensor], to_grid: RasterGrid | None, base: torch.Tensor | None,
+                          batch: dict, loss_cfg: LossConfig, cv_grid: tuple[int, int], part: str = "all") -> dict:
         """The loss parts of the features in `part`: "all", "early" (depth, ranking, cost volume) or "late"
-        (matching, preservation); the parts left out are zero."""
+        (matching, preservation); the parts left out are zero. `blocks`: the blocks' grids, or their tokens
+        when `to_grid` is given."""
+        grids = blocks if to_grid is None else [to_grid(tokens) for tokens in blocks]
         layer = preserve_layer_index(self.student, loss_cfg.preserve_layer) if base is not None else None
         early, late = part != "late", part != "early"
         feats = self.features_of(grids, match=late and loss_cfg.w_ap > 0,

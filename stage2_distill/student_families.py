@@ -86,12 +86,22 @@ def _first_path(module: nn.Module, paths: tuple[str, ...], what: str) -> str:
 # sequence towers: [B, prefix + h*w, D] tokens in raster order
 
 
-def _raster_grid(tokens: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
-    tokens = tokens[:, prefix:]
-    batch, count, dim = tokens.shape
-    if count != grid[0] * grid[1]:
-        raise StudentError(f"a block gave {count} patch tokens, expected {grid[0]}x{grid[1]}")
-    return tokens.transpose(1, 2).reshape(batch, dim, grid[0], grid[1])
+@dataclass(frozen=True)
+class RasterGrid:
+    """A sequence tower's block output [B, prefix + h * w, D] (patches in raster order after `prefix` tokens)
+    -> its patch grid [B, D, h, w], a view. A plain value: a compiled section can take it as an argument (its
+    fields are guarded as constants) and cut the grids from the tokens itself."""
+
+    prefix: int
+    grid: tuple[int, int]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, self.prefix:]
+        batch, count, dim = patches.shape
+        height, width = self.grid
+        if count != height * width:
+            raise StudentError(f"a block gave {count} patch tokens, expected {height}x{width}")
+        return patches.transpose(1, 2).reshape(batch, dim, height, width)
 
 
 def _grid_of(pixel_values: torch.Tensor, geometry: TowerGeometry) -> tuple[int, int]:
@@ -114,13 +124,13 @@ def _prepare_interpolating(tower: nn.Module, pixel_values: torch.Tensor, geometr
     grid = _grid_of(pixel_values, geometry)
     interpolate = tuple(pixel_values.shape[-2:]) != geometry.native_size
     return TowerCall((), {"pixel_values": pixel_values, "interpolate_pos_encoding": interpolate},
-                     lambda tokens: _raster_grid(tokens, geometry.num_prefix_tokens, grid))
+                     RasterGrid(geometry.num_prefix_tokens, grid))
 
 
 def _prepare_navit(tower: nn.Module, pixel_values: torch.Tensor, geometry: TowerGeometry) -> TowerCall:
     """Idefics3 / SmolVLM: positions are bucketed fractional coordinates, so any size works as is."""
     grid = _grid_of(pixel_values, geometry)
-    return TowerCall((), {"pixel_values": pixel_values}, lambda tokens: _raster_grid(tokens, 0, grid))
+    return TowerCall((), {"pixel_values": pixel_values}, RasterGrid(0, grid))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,7 +211,7 @@ def _timm_geometry(tower: nn.Module) -> TowerGeometry:
 
 def _prepare_timm(tower: nn.Module, pixel_values: torch.Tensor, geometry: TowerGeometry) -> TowerCall:
     grid = _grid_of(pixel_values, geometry)
-    return TowerCall((pixel_values,), {}, lambda tokens: _raster_grid(tokens, geometry.num_prefix_tokens, grid))
+    return TowerCall((pixel_values,), {}, RasterGrid(geometry.num_prefix_tokens, grid))
 
 
 _FUSED_QKV = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv"}

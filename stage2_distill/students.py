@@ -126,6 +126,18 @@ class Preprocessing:
                 "resample": self.resample, "rescale_factor": self.rescale_factor}
 
 
+@dataclass(frozen=True)
+class BlockOutputs:
+    """The outputs of a student's first blocks as its tower gives them (tokens, each after its bottleneck
+    adapter), and `to_grid`, which makes one of them a raster grid [B, D, h, w]."""
+
+    tokens: list[torch.Tensor]
+    to_grid: Callable[[torch.Tensor], torch.Tensor]
+
+    def grids(self) -> list[torch.Tensor]:
+        return [self.to_grid(tokens) for tokens in self.tokens]
+
+
 class _FedLayerReached(Exception):
     """Raised by the hook of the last block a student needs, to skip the blocks after it."""
 
@@ -238,18 +250,22 @@ class Student(nn.Module):
         """uint8 HxWx3 RGB images -> pixel_values [B, 3, H, W] at the student's size and normalisation."""
         return torch.from_numpy(np.stack([self.preprocessing(image) for image in images]))
 
-    def forward(self, pixel_values: torch.Tensor,
-                after_block: Callable[[int, Callable[[int], torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
-        """The grids [B, D, h, w] of blocks 0 .. fed_layer. `after_block(index, grid_of)` is called as each block
-        finishes, with `grid_of(i)` giving the grid of any block i <= index: work on early blocks can be queued
-        while the later ones run."""
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The grids [B, D, h, w] of blocks 0 .. fed_layer."""
+        return self.run_blocks(pixel_values).grids()
+
+    def run_blocks(self, pixel_values: torch.Tensor,
+                   after_block: Callable[[int, BlockOutputs], None] | None = None) -> BlockOutputs:
+        """The outputs of blocks 0 .. fed_layer as the tower gives them, with the way to make them grids.
+        `after_block(index, so_far)` is called as each block finishes, with the outputs of blocks 0 .. index:
+        work on early blocks can be queued while the later ones run."""
         height, width = pixel_values.shape[-2:]
         multiple = self.geometry.size_multiple
         if height % multiple or width % multiple:
             raise StudentError(f"student {self.name}: input {height}x{width} is not a multiple of {multiple} "
                                f"(its patch size{' x merge size' if multiple != self.patch_size else ''})")
         call = self.kind.prepare(self.base_model(), pixel_values, self.geometry)
-        outputs: dict[int, torch.Tensor] = {}
+        outputs: list[torch.Tensor] = []
         last = self.num_layers - 1
         skip_rest = self.num_layers < self.tower_layers
 
@@ -263,22 +279,17 @@ class Student(nn.Module):
                 adapter = adapters.get(index)
                 if adapter is not None:
                     tokens = adapter(tokens)
-                outputs[index] = tokens
+                if len(outputs) != index:  # the list's order is the blocks' order
+                    raise StudentError(f"student {self.name}: block {index} ran out of order or twice")
+                outputs.append(tokens)
                 if after_block is not None:
-                    after_block(index, grid_of)
+                    after_block(index, BlockOutputs(list(outputs), call.to_grid))
                 if skip_rest and index == last:
                     raise _FedLayerReached
                 if adapter is None:
                     return None
                 return tokens if isinstance(output, torch.Tensor) else (tokens, *output[1:])
             return on_output
-
-        grids: dict[int, torch.Tensor] = {}
-
-        def grid_of(index: int) -> torch.Tensor:
-            if index not in grids:
-                grids[index] = call.to_grid(outputs[index])
-            return grids[index]
 
         blocks = self.blocks()
         handles = [blocks[i].register_forward_hook(hook(i)) for i in range(self.num_layers)]
@@ -289,7 +300,7 @@ class Student(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        return [grid_of(index) for index in range(self.num_layers)]
+        return BlockOutputs(outputs, call.to_grid)
 
 
 # ---------------------------------------------------------------------------------------------------------

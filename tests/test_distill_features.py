@@ -160,19 +160,22 @@ def test_cell_resampling_equals_point_samples_at_cell_centres(grid_hw, cells):
     assert torch.allclose(got_grad, want_grad, rtol=1e-12, atol=1e-12)
 
 
-def test_the_student_reports_each_block_as_it_finishes_with_the_grids_so_far():
+def test_the_student_reports_each_block_as_it_finishes_with_the_outputs_so_far():
     model = _model()
     pixels = torch.cat([_batch()["pixel_a"], _batch()["pixel_b"]])
     seen = []
 
-    def after_block(index, grid_of):
-        seen.append((index, [grid_of(i).clone() for i in range(index + 1)]))
+    def after_block(index, so_far):
+        seen.append((index, [grid.clone() for grid in so_far.grids()]))
 
     with torch.no_grad():
-        grids = model.student(pixels, after_block)
+        blocks = model.student.run_blocks(pixels, after_block)
+        grids = model.student(pixels)
     assert [index for index, _ in seen] == list(range(model.student.num_layers))
     for index, so_far in seen:  # what a caller sees mid-forward is what the forward returns
+        assert len(so_far) == index + 1
         assert all(torch.equal(early, grids[i]) for i, early in enumerate(so_far))
+    assert all(torch.equal(grid, want) for grid, want in zip(blocks.grids(), grids, strict=True))
 
 
 def test_early_and_late_loss_parts_add_up_to_the_whole_section_in_value_and_gradient():
@@ -187,8 +190,8 @@ def test_early_and_late_loss_parts_add_up_to_the_whole_section_in_value_and_grad
     def run(parts: tuple[str, ...]):
         model.zero_grad(set_to_none=True)
         pixels = torch.cat([batch["pixel_a"], batch["pixel_b"]])
-        grids, base = model.student(pixels), model._base(pixels, cfg)
-        sections = [model._heads_and_losses(grids, base, batch, cfg, (4, 6), part) for part in parts]
+        blocks, base = model.student.run_blocks(pixels), model._base(pixels, cfg)
+        sections = [model.losses_of(blocks, base, batch, cfg, (4, 6), part) for part in parts]
         values = {name: sum(section[name] for section in sections) for name in sections[0]}
         values["total"].backward()
         return values, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -220,3 +223,64 @@ def test_early_losses_overlap_only_when_they_read_blocks_before_the_matching_blo
     assert late._early_block(LossConfig(w_kl=0)) == max(late.cfg.depth_layers)
     model.overlap_early_losses(None)
     assert not model.overlaps_losses and model._early_block(LossConfig()) is None
+
+
+def _section_gradients(model: DistillModel, batch: dict, cfg: LossConfig, as_grids: bool) -> tuple[dict, list]:
+    """Loss values, and the gradient of the loss section alone on each block's tokens (the tokens are
+    detached copies, so nothing flows back into the encoder), fed as tokens or as grids."""
+    from geod.stage2_distill.students import BlockOutputs
+
+    pixels = torch.cat([batch["pixel_a"], batch["pixel_b"]])
+    with torch.no_grad():
+        blocks = model.student.run_blocks(pixels)
+    tokens = [t.detach().clone().requires_grad_() for t in blocks.tokens]
+    # A to_grid that is no RasterGrid (as Qwen2.5-VL's): the section is handed grids.
+    to_grid = (lambda t: blocks.to_grid(t)) if as_grids else blocks.to_grid
+    parts = model.losses_of(BlockOutputs(tokens, to_grid), None, batch, cfg, (4, 6))
+    parts["total"].backward()
+    return {k: v.detach() for k, v in parts.items()}, [t.grad for t in tokens]
+
+
+def test_sequence_tower_tokens_enter_the_section_whole_with_the_values_and_gradients_of_grids():
+    from distill_helpers import random_batch
+
+    model, batch = _model().train(), random_batch(2, 6, 24, 4, "cpu", seed=3)
+    cfg = LossConfig(rank_points=4)
+    as_tokens, token_grads = _section_gradients(model, batch, cfg, as_grids=False)
+    as_grids, grid_grads = _section_gradients(model, batch, cfg, as_grids=True)
+    assert as_tokens.keys() == as_grids.keys()
+    for name in as_tokens:
+        assert torch.allclose(as_tokens[name], as_grids[name], rtol=1e-6, atol=1e-7), name
+    read = set(model.cfg.depth_layers) | set(model.cfg.cost_layers) | {model.cfg.match_layer}
+    prefix = model.student.num_prefix_tokens
+    assert prefix == 1  # tiny-clip's CLS token
+    for index, (got, want) in enumerate(zip(token_grads, grid_grads, strict=True)):
+        if index not in read:
+            assert got is None and want is None, index
+            continue
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-8), index
+        assert torch.count_nonzero(got[:, prefix:]) > 0 and torch.count_nonzero(got[:, :prefix]) == 0
+
+
+def test_a_compiled_section_takes_each_steps_raster_layout_without_recompiling():
+    from distill_helpers import random_batch
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    # Entries compiled by earlier tests for other models count towards the compiler's cache limit.
+    torch._dynamo.reset()
+    try:
+        model, cfg = _model().train(), LossConfig(rank_points=4)
+        counter = CompileCounterWithBackend("aot_eager")
+        model.compile_sections(backend=counter, fullgraph=True)
+        eager = _model().train()
+        for seed in range(3):  # each forward prepares a new RasterGrid (an equal value)
+            batch = random_batch(2, 6, 24, 4, "cpu", seed=seed)
+            got = model(batch, cfg, (4, 6))
+            want = eager(batch, cfg, (4, 6))
+            assert torch.allclose(got["total"], want["total"], rtol=1e-5, atol=1e-7)
+        frames = counter.frame_count
+        assert 1 <= frames <= 1 + len(model.student.block_adapters)  # the section, and the adapters' residual
+        model(random_batch(2, 6, 24, 4, "cpu", seed=9), cfg, (4, 6))
+        assert counter.frame_count == frames
+    finally:
+        torch._dynamo.reset()
